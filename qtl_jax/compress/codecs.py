@@ -1,0 +1,290 @@
+"""One interface over every compressor, so that models and the split runtime treat them alike.
+
+A `Codec` is a frozen (hashable, static) description of a compressor's math between the projections:
+
+    code = codec.encode(z, mask)        client: continuous code (RD-FSQ: 3-sigma scaling; FSQ: tanh bound)
+    qz   = codec.quantize(code)         client: `Quantized(values, side)`, integer indices + side info
+    p    = codec.to_payload(qz)         client: bit-packed `Payload`, the bytes that cross the wire
+    qz   = codec.from_payload(p)        server
+    q    = codec.dequantize(qz)         server: float32 values
+    q    = codec.ste(code)              single program: the same values as the server's, differentiable
+    L    = codec.loss(code, q, mask)    client: commitment loss (0 for all but RD-FSQ)
+
+The gradient contract of the split runtime: the server returns dL/dq; the client pulls it back through
+`ste`, whose forward values equal the server's `dequantize` exactly. So single-program and split training
+compute the same gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from qtl_jax.compress import fsq as fsq_lib
+from qtl_jax.compress import nf as nf_lib
+from qtl_jax.compress import rd_fsq as rd_fsq_lib
+from qtl_jax.compress.checks import check_bits
+from qtl_jax.compress.identity import IDENTITY_DTYPES, identity_quantize, identity_ste
+from qtl_jax.compress.pack import pack, unpack
+from qtl_jax.compress.payload import Payload
+from qtl_jax.compress.ste import straight_through
+
+
+@flax.struct.dataclass
+class Quantized:
+    """A quantized tensor before packing.
+
+    Attributes:
+      values: uint8[..., N, C] indices (or the cast features for the identity baselines).
+      side: dict of side-information arrays (NF block scales and minima), empty for most codecs.
+    """
+
+    values: Any
+    side: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Codec:
+    """Base class; see the module docstring for the interface."""
+
+    name: ClassVar[str]
+    projected: ClassVar[bool] = True  # wrapped by in_proj (client) and out_proj (server) in the module
+
+    @property
+    def bits(self) -> int:
+        raise NotImplementedError
+
+    def code_width(self, features: int) -> int:
+        """Width C of the continuous code for D = `features` input features."""
+        return features
+
+    def encode(self, z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        raise NotImplementedError
+
+    def quantize(self, code: jax.Array) -> Quantized:
+        raise NotImplementedError
+
+    def dequantize(self, quantized: Quantized) -> jax.Array:
+        raise NotImplementedError
+
+    def ste(self, code: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def loss(self, code: jax.Array, q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        del code, q, mask
+        return jnp.zeros((), jnp.float32)
+
+    def to_payload(self, quantized: Quantized) -> Payload:
+        idx = quantized.values
+        return Payload(codes=pack(idx, self.bits), side=quantized.side, codec=self.name, bits=self.bits,
+                       shape=tuple(idx.shape))
+
+    def from_payload(self, payload: Payload) -> Quantized:
+        if payload.codec != self.name or payload.bits != self.bits:
+            raise ValueError(
+                f"payload was made by {payload.codec!r} at {payload.bits} bits, this codec is "
+                f"{self.name!r} at {self.bits} bits"
+            )
+        return Quantized(values=unpack(payload.codes, self.bits, payload.shape), side=payload.side)
+
+    def payload_nbytes(self, shape: Sequence[int]) -> int:
+        """Bytes on the wire for features of `shape` = (..., N, D), computed without running anything."""
+        code = jax.ShapeDtypeStruct((*tuple(shape[:-1]), self.code_width(shape[-1])), jnp.float32)
+        return jax.eval_shape(lambda c: self.to_payload(self.quantize(c)), code).nbytes
+
+
+@dataclasses.dataclass(frozen=True)
+class _LevelCodec(Codec):
+    """Shared by RD-FSQ and the FSQ-tanh baseline: codes in [-1, 1] on 2^b evenly spaced levels."""
+
+    num_bits: int = 2
+
+    def __post_init__(self):
+        check_bits(self.num_bits)
+
+    @property
+    def bits(self) -> int:
+        return self.num_bits
+
+    def quantize(self, code):
+        return Quantized(values=rd_fsq_lib.quantize_levels(code, self.num_bits), side={})
+
+    def dequantize(self, quantized):
+        return rd_fsq_lib.dequantize_levels(quantized.values, self.num_bits)
+
+    def ste(self, code):
+        return rd_fsq_lib.levels_ste(code, self.num_bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class RDFSQ(_LevelCodec):
+    """RD-FSQ (SPEC §3.1): 3-sigma robust scaling over real rows, 2^b levels, cosine commitment loss."""
+
+    name: ClassVar[str] = "rd_fsq"
+    width: float = 3.0
+
+    def encode(self, z, mask=None):
+        return rd_fsq_lib.robust_scale(z, mask, self.width)
+
+    def loss(self, code, q, mask=None):
+        return rd_fsq_lib.commitment_loss(code, q, mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class FSQTanh(_LevelCodec):
+    """The paper's FSQ baseline (SPEC §3.2): tanh bound, 2^b levels, no loss."""
+
+    name: ClassVar[str] = "fsq_tanh"
+
+    def encode(self, z, mask=None):
+        del mask
+        return fsq_lib.fsq_tanh_encode(z)
+
+
+@dataclasses.dataclass(frozen=True)
+class FSQ(Codec):
+    """Canonical FSQ (Mentzer et al.): in_proj to C = len(levels) channels, per-channel levels.
+
+    The code is bound(z) (values in (-L/2, L/2)); quantization rounds it and sends the per-channel digits
+    round(code) + L // 2 at ceil(log2(max L)) bits; the dequantized value is round(code) / (L // 2).
+    """
+
+    name: ClassVar[str] = "fsq"
+    levels: tuple[int, ...] = (8, 5, 5, 5)
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels", fsq_lib.check_levels(self.levels))
+
+    @property
+    def bits(self) -> int:
+        return fsq_lib.fsq_bits(self.levels)
+
+    def code_width(self, features):
+        return len(self.levels)
+
+    def _half_width(self):
+        return jnp.asarray([level // 2 for level in self.levels], jnp.float32)
+
+    def encode(self, z, mask=None):
+        del mask
+        return fsq_lib.fsq_bound(z, self.levels)
+
+    def quantize(self, code):
+        digits = jnp.round(code) + self._half_width()
+        return Quantized(values=digits.astype(jnp.uint8), side={})
+
+    def dequantize(self, quantized):
+        return fsq_lib.fsq_from_digits(quantized.values, self.levels)
+
+    def ste(self, code):
+        return straight_through(jnp.round, code) / self._half_width()
+
+
+@dataclasses.dataclass(frozen=True)
+class NF(Codec):
+    """b-bit NF block quantizer with double-quantized scales (SPEC §3.3); no projections, no loss."""
+
+    name: ClassVar[str] = "nf"
+    projected: ClassVar[bool] = False
+    num_bits: int = 2
+    block_size: int = nf_lib.DEFAULT_BLOCK
+    mins_bits: int = 32
+
+    def __post_init__(self):
+        check_bits(self.num_bits)
+        if self.mins_bits not in (32, 8):
+            raise ValueError(f"mins_bits must be 32 or 8, got {self.mins_bits!r}")
+
+    @property
+    def bits(self) -> int:
+        return self.num_bits
+
+    def encode(self, z, mask=None):
+        del mask
+        return z.astype(jnp.float32)
+
+    def quantize(self, code):
+        idx, side = nf_lib.nf_quantize(code, self.num_bits, self.block_size, self.mins_bits)
+        return Quantized(values=idx, side=side)
+
+    def dequantize(self, quantized):
+        return nf_lib.nf_dequantize(quantized.values, quantized.side, self.num_bits, self.block_size)
+
+    def ste(self, code):
+        return nf_lib.nf_ste(code, self.num_bits, self.block_size, self.mins_bits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity(Codec):
+    """Uncompressed baseline: features cast to float32, bfloat16 or float16 (SPEC §3.4)."""
+
+    projected: ClassVar[bool] = False
+    kind: str = "none_fp16"
+
+    def __post_init__(self):
+        if self.kind not in IDENTITY_DTYPES:
+            raise ValueError(f"identity kind must be one of {sorted(IDENTITY_DTYPES)}, got {self.kind!r}")
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return self.kind
+
+    @property
+    def dtype(self):
+        return IDENTITY_DTYPES[self.kind]
+
+    @property
+    def bits(self) -> int:
+        return jnp.dtype(self.dtype).itemsize * 8
+
+    def encode(self, z, mask=None):
+        del mask
+        return z.astype(jnp.float32)
+
+    def quantize(self, code):
+        return Quantized(values=identity_quantize(code, self.dtype), side={})
+
+    def dequantize(self, quantized):
+        return quantized.values.astype(jnp.float32)
+
+    def ste(self, code):
+        return identity_ste(code, self.dtype)
+
+    def to_payload(self, quantized):
+        x = quantized.values
+        return Payload(codes=x, side={}, codec=self.name, bits=self.bits, shape=tuple(x.shape))
+
+    def from_payload(self, payload):
+        if payload.codec != self.name:
+            raise ValueError(f"payload was made by {payload.codec!r}, this codec is {self.name!r}")
+        return Quantized(values=payload.codes, side={})
+
+
+COMPRESSORS = ("rd_fsq", "fsq_tanh", "fsq", "nf", *IDENTITY_DTYPES)
+
+
+def make_codec(name: str, bits: int = 2, **kwargs) -> Codec:
+    """Builds a codec by name: one of `COMPRESSORS`.
+
+    Args:
+      name: "rd_fsq", "fsq_tanh", "fsq" (canonical; pass `levels=`), "nf" (`block_size=`, `mins_bits=`),
+        "none_fp32", "none_bf16" or "none_fp16".
+      bits: bits per element for rd_fsq, fsq_tanh and nf (1..8); ignored by the others.
+      **kwargs: codec-specific options (RD-FSQ `width`, FSQ `levels`, NF `block_size` and `mins_bits`).
+    """
+    if name == "rd_fsq":
+        return RDFSQ(num_bits=bits, **kwargs)
+    if name == "fsq_tanh":
+        return FSQTanh(num_bits=bits, **kwargs)
+    if name == "fsq":
+        return FSQ(**kwargs)
+    if name == "nf":
+        return NF(num_bits=bits, **kwargs)
+    if name in IDENTITY_DTYPES:
+        return Identity(kind=name, **kwargs)
+    raise ValueError(f"unknown compressor {name!r}; expected one of {', '.join(COMPRESSORS)}")

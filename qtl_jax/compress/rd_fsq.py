@@ -1,0 +1,178 @@
+"""RD-FSQ, the paper's compressor (SPEC §3.1), as pure functions.
+
+Per modality the client maps features to a continuous code `u` in [-1, 1] by a robust 3-sigma scaling, rounds
+`u` to one of d = 2^b evenly spaced levels and sends the level indices (b bits each, nothing else per row);
+the server turns indices back into levels. The projections around it (in_proj on the client, out_proj on the
+server) live in the Flax modules (`qtl_jax.compress.modules`).
+
+    u   = robust_scale(z, mask)          float32[..., N, D] in [-1, 1]       client
+    idx = quantize_levels(u, bits)       uint8[..., N, D] in [0, 2^b - 1]    client, sent packed
+    q   = dequantize_levels(idx, bits)   float32[..., N, D] on linspace(-1, 1, 2^b)    server
+    L   = commitment_loss(u, q, mask)    float32[]                           client
+
+For single-program training `levels_ste(u, bits)` is `dequantize_levels(quantize_levels(u))` with the
+straight-through (identity) gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from qtl_jax.compress.checks import check_bits, check_features, check_indices, check_mask
+from qtl_jax.compress.ste import straight_through
+
+SCALE_EPS = 1e-4  # the reference's +1e-4 in both numerator and denominator of the scaling
+COSINE_EPS = 1e-3  # the reference's cosine-similarity eps (CosineLoss passes 1e-3, not the 1e-4 default)
+
+
+def _level_grid(bits: int) -> tuple[float, float]:
+    """(half, offset) of the d = 2^bits level grid: levels are linspace(-1, 1, d) = idx / half - 1."""
+    d = 2**bits
+    half = (d - 1) / 2
+    offset = 0.5 if d % 2 == 0 else 0.0  # always 0.5 for d = 2^b >= 2; the formula keeps the odd case
+    return half, offset
+
+
+def masked_moments(z: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Mean and unbiased standard deviation of all elements of the real rows of `z`.
+
+    Args:
+      z: float[..., N, D].
+      mask: bool[..., N] (True = real row) or None (all rows are real).
+
+    Returns:
+      (mean, std), two float32 scalars; the std uses N_elements - 1 like `torch.std`. Gradients flow through
+      both, as in the reference (nothing is detached). A constant input gives std 0 with a zero (not NaN)
+      gradient.
+    """
+    z = z.astype(jnp.float32)
+    if mask is None:
+        weights = jnp.ones((*z.shape[:-1], 1), jnp.float32)
+    else:
+        weights = mask.astype(jnp.float32)[..., None]
+    count = jnp.sum(weights) * z.shape[-1]
+    mean = jnp.sum(z * weights) / jnp.maximum(count, 1.0)
+    var = jnp.sum(jnp.square(z - mean) * weights) / jnp.maximum(count - 1.0, 1.0)
+    # Double-where: sqrt'(0) is inf, and inf * 0 would turn the gradient of a constant input into NaN.
+    positive = var > 0
+    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+    return mean, std
+
+
+def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0) -> jax.Array:
+    """RD-FSQ step 2: clip to mean +- width * std and map linearly to [-1, 1].
+
+    One mean and one std over all real rows of the modality (not per channel), recomputed every call and
+    never transmitted; padding rows (mask False) are excluded from the statistics (the reference includes
+    them, which lets padding shift the scale; we fix that).
+
+        lo, hi = mu - width * sigma, mu + width * sigma
+        u = 2 (clip(z, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
+
+    Args:
+      z: float[..., N, D] continuous codes (the output of in_proj).
+      mask: optional bool[..., N], True for real rows.
+      width: clip width in standard deviations (3 in the paper).
+
+    Returns:
+      float32[..., N, D] in [-1 + 2e-4 / (hi - lo + 1e-4), 1].
+    """
+    z = check_features(z, "z")
+    mask = check_mask(mask, z)
+    mean, std = masked_moments(z, mask)
+    lo, hi = mean - width * std, mean + width * std
+    zc = jnp.clip(z.astype(jnp.float32), lo, hi)
+    return 2.0 * (zc - lo + SCALE_EPS) / (hi - lo + SCALE_EPS) - 1.0
+
+
+def quantize_levels(u: jax.Array, bits: int) -> jax.Array:
+    """Rounds codes in [-1, 1] to the nearest of d = 2^bits levels on linspace(-1, 1, d).
+
+        idx = round(u * half - offset) + offset + half,   half = (d - 1) / 2, offset = 0.5 (d even)
+
+    `round` is half-to-even (as `torch.round`). With d = 4 the levels are {-1, -1/3, 1/3, 1}.
+
+    Args:
+      u: float[...] codes in [-1, 1] (values outside are clamped to the end levels).
+      bits: 1..8.
+
+    Returns:
+      uint8[...] indices in [0, 2^bits - 1].
+    """
+    bits = check_bits(bits)
+    half, offset = _level_grid(bits)
+    idx = jnp.round(u.astype(jnp.float32) * half - offset) + (offset + half)
+    return jnp.clip(idx, 0, 2**bits - 1).astype(jnp.uint8)
+
+
+def dequantize_levels(idx: jax.Array, bits: int) -> jax.Array:
+    """Level values of indices: q = idx / half - 1, float32[...] on linspace(-1, 1, 2^bits).
+
+    Computed as (2 idx - (d - 1)) / (d - 1): an exact integer over an exact integer, so each level is the
+    correctly rounded float32 of its exact value and the grid is exactly symmetric (-1/3 and 1/3 for d = 4).
+    """
+    bits = check_bits(bits)
+    idx = check_indices(idx)
+    top = 2**bits - 1
+    return (2.0 * idx.astype(jnp.float32) - top) / top
+
+
+def _levels_roundtrip(u: jax.Array, bits: int) -> jax.Array:
+    return dequantize_levels(quantize_levels(u, bits), bits)
+
+
+def levels_ste(u: jax.Array, bits: int) -> jax.Array:
+    """`dequantize_levels(quantize_levels(u))` with an identity gradient: float32[...] -> float32[...].
+
+    The forward value equals what the server dequantizes from the sent indices, bit for bit.
+    """
+    bits = check_bits(bits)
+    return straight_through(functools.partial(_levels_roundtrip, bits=bits), u.astype(jnp.float32))
+
+
+def commitment_loss(u: jax.Array, q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Cosine commitment loss pulling the code towards its quantized value (SPEC §3.1 step 4).
+
+        L = mean over real rows of 1 - <u, sg(q)> / (|u| |sg(q)| + 1e-3)
+
+    Args:
+      u: float[..., N, D] continuous codes.
+      q: float[..., N, D] their quantized values (gradient stopped inside).
+      mask: optional bool[..., N]; padding rows do not count (the reference averages over them too).
+
+    Returns:
+      float32 scalar in [0, 2].
+    """
+    u = u.astype(jnp.float32)
+    q = jax.lax.stop_gradient(q.astype(jnp.float32))
+    dot = jnp.sum(u * q, axis=-1)
+    norms = jnp.linalg.norm(u, axis=-1) * jnp.linalg.norm(q, axis=-1)
+    per_row = 1.0 - dot / (norms + COSINE_EPS)
+    if mask is None:
+        return jnp.mean(per_row)
+    weights = mask.astype(jnp.float32)
+    return jnp.sum(per_row * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def rd_fsq(
+    z: jax.Array, bits: int, mask: jax.Array | None = None, width: float = 3.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """RD-FSQ steps 2-4 in one call (no projections), for research code.
+
+    Args:
+      z: float[..., N, D] continuous codes.
+      bits: 1..8; b bits per element on the wire, nothing else.
+      mask: optional bool[..., N], True for real rows.
+      width: clip width in standard deviations.
+
+    Returns:
+      (q, idx, loss): float32[..., N, D] quantized values with the straight-through gradient,
+      uint8[..., N, D] indices, and the float32 commitment loss (unweighted; the paper weights it 0.25).
+    """
+    u = robust_scale(z, mask, width)
+    q = levels_ste(u, bits)
+    idx = quantize_levels(u, bits)
+    return q, idx, commitment_loss(u, q, mask)

@@ -1,0 +1,101 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qtl_jax.compress import (
+    commitment_loss,
+    dequantize_levels,
+    levels_ste,
+    quantize_levels,
+    rd_fsq,
+    robust_scale,
+)
+
+
+def test_four_levels_are_exactly_thirds():
+    q = np.asarray(dequantize_levels(jnp.arange(4), 2))
+    np.testing.assert_array_equal(q, np.array([-1, -1 / 3, 1 / 3, 1], np.float32))
+    assert q[1] == -q[2]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_every_level_maps_to_its_index(bits):
+    d = 2**bits
+    levels = np.linspace(-1, 1, d, dtype=np.float64)
+    idx = quantize_levels(jnp.asarray(levels, jnp.float32), bits)
+    np.testing.assert_array_equal(idx, np.arange(d))
+    np.testing.assert_allclose(dequantize_levels(idx, bits), levels, atol=1e-7)
+
+
+def test_hand_rounding_d4():
+    # u * 1.5 - 0.5 rounded half-to-even, then + 2: u = 0 sits half-way between -1/3 and 1/3 and goes up.
+    u = jnp.array([-1.0, -0.7, -0.5, -0.34, -0.32, 0.0, 0.3, 0.34, 0.66, 0.67, 1.0])
+    np.testing.assert_array_equal(quantize_levels(u, 2), [0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3])
+    # b = 1: levels {-1, 1}, u = 0 maps to 1 (round(-0.5) = -0).
+    np.testing.assert_array_equal(quantize_levels(jnp.array([-0.1, 0.0, 0.1]), 1), [0, 1, 1])
+
+
+def test_robust_scale_hand_case_with_clipping():
+    # 99 zeros and one 100: mean 1, unbiased variance (99 * 1 + 99^2) / 99 = 100 -> std 10, lo = -29, hi = 31.
+    z = np.zeros((1, 100, 1), np.float32)
+    z[0, -1, 0] = 100.0
+    u = np.asarray(robust_scale(z))
+    np.testing.assert_allclose(u[0, 0, 0], 2 * (29 + 1e-4) / (60 + 1e-4) - 1, rtol=1e-5)
+    assert u[0, -1, 0] == 1.0  # clipped to hi
+
+
+def test_robust_scale_ignores_padding_rows():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(1, 6, 8)).astype(np.float32)
+    padded = np.concatenate([real, np.full((1, 4, 8), 1e3, np.float32)], axis=1)
+    mask = np.array([[True] * 6 + [False] * 4])
+    np.testing.assert_allclose(robust_scale(padded, mask)[:, :6], robust_scale(real), rtol=1e-6)
+    # Without the mask the padding would dominate the statistics (the reference's behaviour).
+    assert not np.allclose(robust_scale(padded)[:, :6], robust_scale(real), atol=1e-2)
+
+
+def test_constant_input_gives_finite_values_and_gradient():
+    z = jnp.full((2, 3, 4), 0.5)  # mean exactly 0.5, variance exactly 0
+    np.testing.assert_array_equal(robust_scale(z), 1.0)  # 2 * 1e-4 / 1e-4 - 1
+    for value in (0.5, 0.7):  # 0.7: rounding leaves a variance of ~1e-15, still no NaN
+        g = jax.grad(lambda z: jnp.sum(robust_scale(z)))(jnp.full((2, 3, 4), value))
+        assert np.isfinite(np.asarray(g)).all()
+
+
+def test_gradient_flows_through_statistics():
+    z = jax.random.normal(jax.random.key(0), (2, 5, 4))
+    w = jax.random.normal(jax.random.key(1), z.shape)
+    full = jax.grad(lambda z: jnp.sum(w * robust_scale(z)))(z)
+    mean, std = jnp.mean(z), jnp.std(z, ddof=1)
+    frozen = jax.grad(lambda z: jnp.sum(w * (2 * (z - (mean - 3 * std) + 1e-4) / (6 * std + 1e-4) - 1)))(z)
+    assert not np.allclose(full, frozen, atol=1e-4)
+
+
+def test_commitment_loss_hand_case():
+    u = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+    q = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    first = 1 - 1 / (1 + 1e-3)
+    np.testing.assert_allclose(commitment_loss(u, q), (first + 1.0) / 2, rtol=1e-6)
+    np.testing.assert_allclose(commitment_loss(u, q, jnp.array([True, False])), first, atol=1e-7)
+    # sg(q): no gradient reaches the quantized values.
+    np.testing.assert_array_equal(jax.grad(lambda q: commitment_loss(u, q))(q), 0.0)
+
+
+def test_levels_ste_value_equals_server_and_gradient_is_identity():
+    u = jax.random.uniform(jax.random.key(0), (4, 16), minval=-1, maxval=1)
+    for bits in (1, 2, 3, 4, 8):
+        np.testing.assert_array_equal(levels_ste(u, bits), dequantize_levels(quantize_levels(u, bits), bits))
+        grad = jax.grad(lambda u, b=bits: jnp.sum(levels_ste(u, b) * 3.0))(u)
+        np.testing.assert_array_equal(grad, 3.0)
+
+
+def test_rd_fsq_bundle_matches_pieces():
+    z = jax.random.normal(jax.random.key(0), (2, 7, 16)) * 4 + 1
+    mask = jnp.arange(7)[None, :] < jnp.array([[7], [5]])
+    q, idx, loss = jax.jit(rd_fsq, static_argnums=1)(z, 2, mask)
+    u = robust_scale(z, mask)
+    np.testing.assert_array_equal(idx, quantize_levels(u, 2))
+    np.testing.assert_array_equal(q, dequantize_levels(idx, 2))
+    np.testing.assert_allclose(loss, commitment_loss(u, q, mask), rtol=1e-6)
+    assert idx.dtype == jnp.uint8 and int(idx.max()) <= 3
