@@ -7,9 +7,10 @@ first; bit k of that string is bit (k mod 8) of byte k // 8. So with b = 2 the f
 and with b = 3 eight indices fill exactly three bytes. n indices take ceil(n*b/8) bytes; the unused high bits
 of the last byte are zero.
 
-Both functions are pure `jax.numpy` and jit-able: the byte count depends only on the static shape. Internally
-the indices are processed in groups of eight (8 indices x b bits = b bytes), each output byte an OR of at
-most nine shifted uint8 columns, which XLA fuses into one pass over the data.
+Both functions are pure `jax.numpy` and jit-able: the byte count depends only on the static shape. For b in
+{1, 2, 4} a byte holds 8/b whole indices and packing is a shifted sum over a [bytes, 8/b] view; for the other
+widths the indices are processed in groups of eight (8 indices x b bits = b bytes), each output byte an OR
+of at most four shifted uint8 columns. XLA fuses either into one pass over the data.
 """
 
 from __future__ import annotations
