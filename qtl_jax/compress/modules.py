@@ -26,8 +26,7 @@ import jax.numpy as jnp
 
 from qtl_jax.compress.codecs import Codec
 from qtl_jax.compress.payload import Payload
-
-INIT_STD = 0.02
+from qtl_jax.layers import dense
 
 
 @flax.struct.dataclass
@@ -44,17 +43,6 @@ class ClientOutput:
     payload: Payload
     q: jax.Array
     loss: jax.Array
-
-
-def _dense(features: int, axes: tuple[str, str], dtype, param_dtype, name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
-        name=name,
-    )
 
 
 class Compressor(nn.Module):
@@ -75,8 +63,9 @@ class Compressor(nn.Module):
     def setup(self):
         if self.codec.projected:
             width = self.codec.code_width(self.features)
-            self.in_proj = _dense(width, ("embed", "code"), self.dtype, self.param_dtype, "in_proj")
-            self.out_proj = _dense(self.features, ("code", "embed"), self.dtype, self.param_dtype, "out_proj")
+            kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+            self.in_proj = dense(width, ("embed", "code"), name="in_proj", **kw)
+            self.out_proj = dense(self.features, ("code", "embed"), name="out_proj", **kw)
 
     def _check(self, x: jax.Array) -> None:
         if x.ndim < 2 or x.shape[-1] != self.features:

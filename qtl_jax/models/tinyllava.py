@@ -1,0 +1,313 @@
+"""TinyLLaVA assembly and its functional split into a client half and a server half (SPEC §1, §2.4).
+
+    client (data owner)                                        server (model owner)
+    images -> SigLIP -> connector -> image rows [B, N, D]
+    input_ids -> client token embedding -> text rows [B, T, D]
+    rows -> compressor client side (in_proj, quantize, pack) ==Uplink==> compressor server side (unpack,
+                                                                       dequantize, out_proj) -> splice
+                                                                       -> OpenELM -> cross-entropy
+
+`TinyLlava` is the single program (the reference): the same two halves with the quantizer's straight-through
+path in between. Its parameters are {"client": ..., "server": ...}, so `params["client"]` and
+`params["server"]` are exactly what each side holds, and `client_apply` / `server_apply` run the halves as
+pure functions of their own parameters.
+
+Static shapes: the prompt holds one image placeholder (IMAGE_TOKEN_INDEX = -200) in a right-padded row of T
+tokens; the server splices the N image rows in its place, giving T + N - 1 rows for every batch of the same
+T, so a run compiles once per length bucket. Labels are -100 on the image rows and on padding.
+
+Text transport (`text_transport`): "quantized_embeddings" (the paper: the client embeds the text with its own
+copy of the token embedding, initialised from the checkpoint and then trained separately from the server's
+tied output head, and sends compressed rows) or "token_ids" (the client sends the ids, 2 bytes a token, and
+the server embeds them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qtl_jax.compress import Codec, Compressor, Payload, make_codec
+from qtl_jax.models.connector import Connector
+from qtl_jax.models.openelm import OPENELM_270M, OPENELM_TINY, OpenELM, OpenELMConfig
+from qtl_jax.models.siglip import SIGLIP_SO400M, SIGLIP_TINY, SiglipConfig, SiglipVisionTower
+
+IMAGE_TOKEN_INDEX = -200
+IGNORE_INDEX = -100
+TEXT_TRANSPORTS = ("quantized_embeddings", "token_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyLlavaConfig:
+    """The whole model.
+
+    Attributes:
+      vision: SigLIP sizes.
+      lm: OpenELM sizes.
+      image_codec: compressor of the image rows.
+      text_codec: compressor of the text rows (used with text_transport="quantized_embeddings").
+      text_transport: "quantized_embeddings" or "token_ids".
+      commitment_weight: alpha, the weight of each modality's commitment loss (0.25 in the paper).
+    """
+
+    vision: SiglipConfig = SIGLIP_SO400M
+    lm: OpenELMConfig = OPENELM_270M
+    image_codec: Codec = dataclasses.field(default_factory=lambda: make_codec("rd_fsq", 2))
+    text_codec: Codec = dataclasses.field(default_factory=lambda: make_codec("rd_fsq", 2))
+    text_transport: str = "quantized_embeddings"
+    commitment_weight: float = 0.25
+
+    def __post_init__(self):
+        if self.text_transport not in TEXT_TRANSPORTS:
+            raise ValueError(f"text_transport must be one of {TEXT_TRANSPORTS}, got {self.text_transport!r}")
+
+    @property
+    def image_tokens(self) -> int:
+        return self.vision.num_tokens
+
+    @property
+    def quantized_text(self) -> bool:
+        return self.text_transport == "quantized_embeddings"
+
+
+TINYLLAVA_PAPER = TinyLlavaConfig()
+TINYLLAVA_TINY = TinyLlavaConfig(vision=SIGLIP_TINY, lm=OPENELM_TINY)
+
+
+@flax.struct.dataclass
+class Uplink:
+    """Everything the client sends for one batch; `nbytes` counts all of it.
+
+    Attributes:
+      image: Payload of the image rows [B, N, D].
+      text: Payload of the text rows [B, T, D] (quantized embeddings), or of the token ids uint16/int32[B, T]
+        (codec "token_ids").
+      image_pos: int32[B] position of the image placeholder in the prompt, -1 for text-only samples.
+      lengths: int32[B] number of real prompt tokens (placeholder included), right padding after.
+      labels: int32[B, T] target ids, -100 where not supervised (the server computes the loss).
+    """
+
+    image: Payload
+    text: Payload
+    image_pos: jax.Array
+    lengths: jax.Array
+    labels: jax.Array
+
+    @property
+    def nbytes(self) -> int:
+        metadata = (self.image_pos, self.lengths, self.labels)
+        meta = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in metadata)
+        return self.image.nbytes + self.text.nbytes + meta
+
+
+def prompt_layout(input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(image_pos int32[B], -1 without image; lengths int32[B]) of right-padded prompts int[B, T]."""
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    image_pos = jnp.where(is_image.any(axis=1), jnp.argmax(is_image, axis=1), -1).astype(jnp.int32)
+    return image_pos, attention_mask.astype(jnp.int32).sum(axis=1)
+
+
+def splice(
+    text_rows: jax.Array, image_rows: jax.Array, image_pos: jax.Array, lengths: jax.Array, labels: jax.Array | None
+):
+    """Puts the N image rows in place of the placeholder, with static shapes.
+
+    Args:
+      text_rows: float[B, T, D] one row per prompt token (the placeholder's row is dropped).
+      image_rows: float[B, N, D].
+      image_pos: int32[B] placeholder position, -1 for text-only samples (their image rows are dropped).
+      lengths: int32[B] real prompt tokens.
+      labels: int[B, T] or None.
+
+    Returns:
+      (rows float[B, T + N - 1, D] with zero padding, mask bool[B, T + N - 1], labels int32[B, T + N - 1]
+      with -100 on image rows and padding, or None).
+    """
+    t = text_rows.shape[1]
+    n = image_rows.shape[1]
+    out = jnp.arange(t + n - 1)[None, :]
+    pos = image_pos[:, None]
+    has = pos >= 0
+    in_image = has & (out >= pos) & (out < pos + n)
+    text_src = jnp.clip(jnp.where(has & (out >= pos + n), out - n + 1, out), 0, t - 1)
+    image_src = jnp.clip(out - pos, 0, n - 1)
+    valid = out < jnp.where(has[:, 0], lengths + n - 1, lengths)[:, None]
+    gather = lambda rows, src: jnp.take_along_axis(rows, src[..., None], axis=1)
+    rows = jnp.where(in_image[..., None], gather(image_rows, image_src), gather(text_rows, text_src))
+    rows = jnp.where(valid[..., None], rows, 0).astype(text_rows.dtype)
+    if labels is None:
+        return rows, valid, None
+    out_labels = jnp.take_along_axis(labels.astype(jnp.int32), text_src, axis=1)
+    return rows, valid, jnp.where(in_image | ~valid, IGNORE_INDEX, out_labels)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Shifted next-token cross-entropy, mean over labels != -100.
+
+    Args:
+      logits: float[B, L, V].
+      labels: int[B, L] (label of position t is predicted from position t - 1).
+
+    Returns:
+      (mean loss float32[], number of supervised tokens int32[]).
+    """
+    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    count = valid.sum()
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
+
+
+@flax.struct.dataclass
+class ClientResult:
+    """The client half's output.
+
+    Attributes:
+      uplink: what is sent.
+      q_image: float32[B, N, C] the image rows' dequantized values as the server sees them (STE-differentiable).
+      q_text: float32[B, T, C] the same for text rows, or None with token_ids transport.
+      commitment_loss: float32[] alpha * (L_img + L_txt), the client's own loss term.
+    """
+
+    uplink: Uplink
+    q_image: jax.Array
+    q_text: jax.Array | None
+    commitment_loss: jax.Array
+
+
+def _token_ids_payload(input_ids: jax.Array, vocab_size: int) -> Payload:
+    # The placeholder travels as image_pos; on the wire its slot holds 0 (the pad id).
+    dtype = jnp.uint16 if vocab_size <= 2**16 else jnp.int32
+    codes = jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids).astype(dtype)
+    return Payload(codes=codes, side={}, codec="token_ids", bits=8 * jnp.dtype(dtype).itemsize,
+                   shape=tuple(input_ids.shape))
+
+
+class TinyLlavaClient(nn.Module):
+    """The data owner's half: vision tower, connector, text embedding (quantized_embeddings), compressors."""
+
+    config: TinyLlavaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.vision_tower = SiglipVisionTower(cfg.vision, self.dtype)
+        self.connector = Connector(cfg.lm.model_dim, self.dtype)
+        self.image_compressor = Compressor(cfg.image_codec, cfg.lm.model_dim, self.dtype)
+        if cfg.quantized_text:
+            self.token_embeddings = nn.Embed(
+                cfg.lm.vocab_size, cfg.lm.model_dim, dtype=self.dtype,
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+            )
+            self.text_compressor = Compressor(cfg.text_codec, cfg.lm.model_dim, self.dtype)
+
+    def rows(self, images, input_ids, attention_mask):
+        """(image rows float[B, N, D], text rows float[B, T, D] or None, image_pos, lengths)."""
+        image_pos, lengths = prompt_layout(input_ids, attention_mask)
+        image_rows = self.connector(self.vision_tower(images)[0])
+        text_rows = None
+        if self.config.quantized_text:
+            text_rows = self.token_embeddings(jnp.maximum(input_ids, 0))
+        return image_rows, text_rows, image_pos, lengths
+
+    def __call__(self, images, input_ids, attention_mask, labels) -> ClientResult:
+        """Args: images float[B, H, W, 3] in [-1, 1]; input_ids int[B, T] with one -200 per image sample;
+        attention_mask bool[B, T]; labels int[B, T]. Returns a `ClientResult`."""
+        cfg = self.config
+        image_rows, text_rows, image_pos, lengths = self.rows(images, input_ids, attention_mask)
+        image_mask = jnp.broadcast_to((image_pos >= 0)[:, None], image_rows.shape[:2])
+        image_out = self.image_compressor.client(image_rows, image_mask)
+        loss = image_out.loss
+        if cfg.quantized_text:
+            text_mask = attention_mask.astype(bool) & (input_ids != IMAGE_TOKEN_INDEX)
+            text_out = self.text_compressor.client(text_rows, text_mask)
+            text_payload, q_text, loss = text_out.payload, text_out.q, loss + text_out.loss
+        else:
+            text_payload, q_text = _token_ids_payload(input_ids, cfg.lm.vocab_size), None
+        uplink = Uplink(image=image_out.payload, text=text_payload, image_pos=image_pos, lengths=lengths,
+                        labels=labels.astype(jnp.int32))
+        return ClientResult(uplink=uplink, q_image=image_out.q, q_text=q_text,
+                            commitment_loss=cfg.commitment_weight * loss)
+
+
+class TinyLlavaServer(nn.Module):
+    """The model owner's half: compressor server sides, splice, OpenELM, loss."""
+
+    config: TinyLlavaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.image_compressor = Compressor(cfg.image_codec, cfg.lm.model_dim, self.dtype)
+        if cfg.quantized_text:
+            self.text_compressor = Compressor(cfg.text_codec, cfg.lm.model_dim, self.dtype)
+        self.language_model = OpenELM(cfg.lm, self.dtype)
+
+    def embeds(self, q_image, text, image_pos, lengths, labels=None):
+        """Decodes the dequantized rows (or embeds token ids) and splices: see `splice`.
+
+        `text` is float32[B, T, C] dequantized text rows (quantized_embeddings) or int[B, T] ids (token_ids).
+        """
+        image_rows = self.image_compressor.decode(q_image)
+        if self.config.quantized_text:
+            text_rows = self.text_compressor.decode(text)
+        else:
+            text_rows = self.language_model.embed(jnp.maximum(text.astype(jnp.int32), 0))
+        return splice(text_rows.astype(image_rows.dtype), image_rows, image_pos, lengths, labels)
+
+    def loss(self, q_image, text, image_pos, lengths, labels):
+        """Cross-entropy of the LM on the spliced rows. Returns (loss float32[], aux dict)."""
+        rows, mask, labels = self.embeds(q_image, text, image_pos, lengths, labels)
+        logits, _ = self.language_model(inputs_embeds=rows, attention_mask=mask)
+        loss, count = cross_entropy(logits, labels)
+        return loss, {"ce_loss": loss, "supervised_tokens": count}
+
+    def dequantize(self, uplink: Uplink):
+        """(q_image float32[B, N, C], text rows or ids) from the received payloads."""
+        q_image = self.image_compressor.dequantize(uplink.image)
+        if self.config.quantized_text:
+            return q_image, self.text_compressor.dequantize(uplink.text)
+        return q_image, uplink.text.codes.astype(jnp.int32)
+
+    def __call__(self, uplink: Uplink):
+        """Server half on a received uplink: (ce loss, aux)."""
+        q_image, text = self.dequantize(uplink)
+        return self.loss(q_image, text, uplink.image_pos, uplink.lengths, uplink.labels)
+
+
+class TinyLlava(nn.Module):
+    """Single program: client half -> straight-through quantizer -> server half. Params {"client", "server"}."""
+
+    config: TinyLlavaConfig
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.client = TinyLlavaClient(self.config, self.dtype)
+        self.server = TinyLlavaServer(self.config, self.dtype)
+
+    def __call__(self, images, input_ids, attention_mask, labels):
+        """Returns (total loss = CE + alpha (L_img + L_txt), aux with ce_loss, commitment_loss, uplink_bytes)."""
+        client = self.client(images, input_ids, attention_mask, labels)
+        text = client.q_text if self.config.quantized_text else input_ids
+        up = client.uplink
+        ce, aux = self.server.loss(client.q_image, text, up.image_pos, up.lengths, up.labels)
+        return ce + client.commitment_loss, {**aux, "commitment_loss": client.commitment_loss,
+                                             "uplink_bytes": up.nbytes}
+
+
+def client_apply(config: TinyLlavaConfig, client_params, images, input_ids, attention_mask, labels,
+                 dtype=jnp.float32) -> ClientResult:
+    """The client half as a pure function of the client's parameters (`params["client"]`)."""
+    return TinyLlavaClient(config, dtype).apply({"params": client_params}, images, input_ids, attention_mask, labels)
+
+
+def server_apply(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=jnp.float32):
+    """The server half as a pure function of the server's parameters (`params["server"]`): (loss, aux)."""
+    return TinyLlavaServer(config, dtype).apply({"params": server_params}, uplink)

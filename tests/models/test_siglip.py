@@ -1,0 +1,128 @@
+"""SigLIP: parity with transformers' SiglipVisionModel (torch, fp32), sizes, conversion both ways, bad checkpoints."""
+
+import json
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from qtl_jax.models import convert
+from qtl_jax.models.siglip import SIGLIP_SO400M, SIGLIP_TINY, SiglipConfig, SiglipVisionTower
+
+TINY_HF = dict(hidden_size=SIGLIP_TINY.width, intermediate_size=SIGLIP_TINY.mlp_dim,
+               num_hidden_layers=SIGLIP_TINY.depth, num_attention_heads=SIGLIP_TINY.num_heads,
+               image_size=SIGLIP_TINY.image_size, patch_size=SIGLIP_TINY.patch_size, num_channels=3)
+
+
+@pytest.fixture(scope="module")
+def hf_tower(tmp_path_factory):
+    torch.manual_seed(0)
+    model = SiglipVisionModel(SiglipVisionConfig(**TINY_HF)).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a swapped scale/bias would show
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("siglip")
+    model.save_pretrained(path)
+    return model, str(path)
+
+
+def _images(seed=0, batch=2):
+    return np.random.default_rng(seed).uniform(-1, 1, (batch, 64, 64, 3)).astype(np.float32)
+
+
+def _hf_hidden(model, images):
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(images.transpose(0, 3, 1, 2)), output_hidden_states=True)
+    return [h.numpy() for h in out.hidden_states]
+
+
+def test_parity_every_layer_and_selected_features(hf_tower):
+    model, path = hf_tower
+    config, params = convert.load_siglip(path)
+    assert config == SIGLIP_TINY and config.layers_used == 3  # layer -2 of 4: three layers built
+    images = _images()
+    features, aux = SiglipVisionTower(config).apply({"params": params}, images, return_hidden_states=True)
+    hf = _hf_hidden(model, images)
+    assert len(aux["hidden_states"]) == 4
+    for ours, theirs in zip(aux["hidden_states"], hf[:4], strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert features.shape == (2, 63, 128)  # (64 / 8)^2 = 64 patches, token 0 dropped
+    np.testing.assert_allclose(features, hf[-2][:, 1:], atol=1e-5)
+
+
+def test_select_all_keeps_every_patch(hf_tower):
+    model, path = hf_tower
+    config, params = convert.load_siglip(path, SiglipConfig(**{**SIGLIP_TINY.__dict__, "select": "all"}))
+    features, _ = SiglipVisionTower(config).apply({"params": params}, _images(1))
+    np.testing.assert_allclose(features, _hf_hidden(model, _images(1))[-2], atol=1e-5)
+
+
+def test_vision_model_prefix_layout_loads(hf_tower, tmp_path):
+    model, path = hf_tower
+    state = {f"vision_model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        (tmp_path / "config.json").write_text(f.read())
+    _, a = convert.load_siglip(path)
+    _, b = convert.load_siglip(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_paper_size_parameter_count_without_memory():
+    tower = SiglipVisionTower(SIGLIP_SO400M)
+    shapes = jax.eval_shape(lambda: tower.init(jax.random.key(0), jnp.zeros((1, 384, 384, 3))))
+    assert SIGLIP_SO400M.layers_used == 26 and SIGLIP_SO400M.num_tokens == 728
+    assert sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes))) == 397_745_440
+
+
+def test_export_round_trip_and_transformers_load(hf_tower, tmp_path):
+    _, path = hf_tower
+    config, params = convert.load_siglip(path)
+    convert.export_siglip(params, config, str(tmp_path))
+    config2, params2 = convert.load_siglip(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, params, params2)  # bit-exact
+    images = _images(2)
+    ours, _ = SiglipVisionTower(config).apply({"params": params}, images)
+    ours2, _ = SiglipVisionTower(config2).apply({"params": params2}, images)
+    np.testing.assert_array_equal(ours, ours2)
+    exported = SiglipVisionModel.from_pretrained(str(tmp_path)).eval()
+    np.testing.assert_allclose(_hf_hidden(exported, images)[-1][:, 1:], ours, atol=1e-5)
+
+
+def test_bad_checkpoints_list_every_problem(hf_tower, tmp_path):
+    model, _ = hf_tower
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    del state["encoder.layers.1.mlp.fc1.bias"]
+    del state["embeddings.patch_embedding.bias"]
+    state["encoder.layers.0.self_attn.q_proj.weight"] = torch.zeros(128, 64)
+    state["encoder.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "siglip_vision_model", **TINY_HF}))
+    with pytest.raises(convert.CheckpointError) as err:
+        convert.load_siglip(str(tmp_path))
+    message = str(err.value)
+    assert "2 missing" in message and "encoder.layers.1.mlp.fc1.bias" in message
+    assert "embeddings.patch_embedding.bias" in message
+    assert "1 unexpected" in message and "encoder.layers.0.extra.weight" in message
+    assert "encoder.layers.0.self_attn.q_proj.weight: checkpoint (128, 64), model expects (128, 128)" in message
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert.load_siglip(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "openelm"}))
+    with pytest.raises(convert.CheckpointError, match="not a SigLIP vision model"):
+        convert.load_siglip(str(tmp_path))
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="holds no weights"):
+        convert.read_weights(str(tmp_path))
+
+
+def test_wrong_image_size_is_refused():
+    tower = SiglipVisionTower(SIGLIP_TINY)
+    with pytest.raises(ValueError, match=r"expects images of shape \[B, 64, 64, 3\]"):
+        tower.init(jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
