@@ -11,8 +11,9 @@ A `Codec` is a frozen (hashable, static) description of a compressor's math betw
     L    = codec.loss(code, q, mask)    client: commitment loss (0 for all but RD-FSQ)
 
 The gradient contract of the split runtime: the server returns dL/dq; the client pulls it back through
-`ste`, whose forward values equal the server's `dequantize` exactly. So single-program and split training
-compute the same gradients.
+`ste`, whose forward values equal the server's `dequantize` (bit for bit when both run eagerly or in
+separate programs; inside one fused jit XLA may round a division differently by one ulp). So
+single-program and split training compute the same gradients.
 """
 
 from __future__ import annotations

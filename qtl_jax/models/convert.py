@@ -329,7 +329,8 @@ def load_tinyllava(path: str, config) -> dict:
 
     Returns:
       A partial parameter tree: client {vision_tower, connector, token_embeddings (quantized_embeddings: the
-      client's own copy, initialised from the LM's)} and server {language_model}. The compressors are new in
+      client's own copy: `client_token_embeddings.safetensors` when the folder has one, as our export
+      writes, else the LM's)} and server {language_model}. The compressors are new in
       this model and keep their initialisation: merge with `merge_params`.
     """
     path = _check_dir(path)
@@ -366,7 +367,15 @@ def load_tinyllava(path: str, config) -> dict:
             source["connector"], lambda k: False),
     }
     if config.quantized_text:
-        client["token_embeddings"] = {"embedding": lm_params["token_embeddings"]["embedding"].copy()}
+        # The client's own input embedding: from our export when it was trained apart from the server's tied
+        # head, else a copy of the checkpoint's (the paper's initialisation).
+        own = os.path.join(path, "client_token_embeddings.safetensors")
+        embedding = (_read_safetensors(own)["token_embeddings.weight"] if os.path.isfile(own)
+                     else lm_params["token_embeddings"]["embedding"].copy())
+        want = lm_params["token_embeddings"]["embedding"].shape
+        if embedding.shape != want:
+            raise CheckpointError(f"{own}: token_embeddings.weight has shape {embedding.shape}, expected {want}")
+        client["token_embeddings"] = {"embedding": embedding.astype(np.float32)}
     return {"client": client, "server": {"language_model": lm_params}}
 
 

@@ -108,9 +108,9 @@ class Uplink:
 
 def prompt_layout(input_ids: jax.Array, attention_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(image_pos int32[B], -1 without image; lengths int32[B]) of right-padded prompts int[B, T]."""
-    is_image = input_ids == IMAGE_TOKEN_INDEX
+    is_image = jnp.asarray(input_ids) == IMAGE_TOKEN_INDEX
     image_pos = jnp.where(is_image.any(axis=1), jnp.argmax(is_image, axis=1), -1).astype(jnp.int32)
-    return image_pos, attention_mask.astype(jnp.int32).sum(axis=1)
+    return image_pos, jnp.asarray(attention_mask).astype(jnp.int32).sum(axis=1, dtype=jnp.int32)
 
 
 def splice(
@@ -232,7 +232,7 @@ class TinyLlavaClient(nn.Module):
         else:
             text_payload, q_text = _token_ids_payload(input_ids, cfg.lm.vocab_size), None
         uplink = Uplink(image=image_out.payload, text=text_payload, image_pos=image_pos, lengths=lengths,
-                        labels=labels.astype(jnp.int32))
+                        labels=jnp.asarray(labels, jnp.int32))
         return ClientResult(uplink=uplink, q_image=image_out.q, q_text=q_text,
                             commitment_loss=cfg.commitment_weight * loss)
 
@@ -311,3 +311,22 @@ def client_apply(config: TinyLlavaConfig, client_params, images, input_ids, atte
 def server_apply(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=jnp.float32):
     """The server half as a pure function of the server's parameters (`params["server"]`): (loss, aux)."""
     return TinyLlavaServer(config, dtype).apply({"params": server_params}, uplink)
+
+
+def server_generate(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=jnp.float32, **kwargs):
+    """Answers for a prompt uplink (its labels are ignored): the server dequantizes and splices the prompt
+    rows, then decodes with the KV cache (`qtl_jax.models.generate.generate`; kwargs: max_new_tokens, eos_id,
+    pad_id, temperature, rng). Returns int32[B, max_new_tokens] on the host."""
+    from qtl_jax.models.generate import generate
+
+    server = TinyLlavaServer(config, dtype)
+
+    def prompt(params, uplink):
+        q_image, text = server.apply({"params": params}, uplink, method=TinyLlavaServer.dequantize)
+        rows, mask, _ = server.apply({"params": params}, q_image, text, uplink.image_pos, uplink.lengths,
+                                     method=TinyLlavaServer.embeds)
+        return rows, mask.sum(axis=1).astype(jnp.int32)
+
+    rows, lengths = jax.jit(prompt)(server_params, uplink)
+    lm = OpenELM(config.lm, dtype)
+    return generate(lm, server_params["language_model"], inputs_embeds=rows, lengths=lengths, **kwargs)

@@ -1,0 +1,80 @@
+"""TinyLLaVA checkpoints: stage folders (safetensors or pytorch_model.bin), full single-file checkpoints, export."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from qtl_jax.models import convert
+from qtl_jax.models import tinyllava as T
+
+from .test_tinyllava import init, micro
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    cfg = micro()
+    params = init(cfg)
+    path = tmp_path_factory.mktemp("tinyllava")
+    convert.export_tinyllava(params, cfg, str(path))
+    return cfg, params, path
+
+
+def _assert_loaded_equal(loaded, params, client_embedding_from_lm=False):
+    merged = convert.merge_params(params, loaded)
+    if client_embedding_from_lm:  # a plain TinyLLaVA checkpoint: the client's copy starts as the LM's table
+        lm_table = params["server"]["language_model"]["token_embeddings"]["embedding"]
+        np.testing.assert_array_equal(merged["client"]["token_embeddings"]["embedding"], lm_table)
+        merged["client"]["token_embeddings"] = params["client"]["token_embeddings"]
+    jax.tree.map(np.testing.assert_array_equal, merged, params)
+    assert set(loaded["client"]) == {"vision_tower", "connector", "token_embeddings"}
+    assert set(loaded["server"]) == {"language_model"}
+
+
+def test_stage_folders_round_trip(exported):
+    cfg, params, path = exported
+    assert sorted(p.name for p in path.iterdir()) == [
+        "client_token_embeddings.safetensors", "connector", "language_model", "qtl_jax.json", "vision_tower"]
+    _assert_loaded_equal(convert.load_tinyllava(str(path), cfg), params)
+
+
+def test_full_single_file_checkpoint(exported, tmp_path):
+    cfg, params, path = exported
+    tensors = {}
+    for part, prefix in (("language_model", "language_model."), ("vision_tower", "vision_tower._vision_tower."),
+                         ("connector", "connector.")):
+        tensors.update({prefix + k: v for k, v in convert.read_weights(str(path / part)).items()})
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    _assert_loaded_equal(convert.load_tinyllava(str(tmp_path), cfg), params, client_embedding_from_lm=True)
+    del tensors["connector._connector.2.bias"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with pytest.raises(convert.CheckpointError, match=r"1 missing:\n    _connector.2.bias"):
+        convert.load_tinyllava(str(tmp_path), cfg)
+    save_file({k: v for k, v in tensors.items() if k.startswith("language_model.")},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(convert.CheckpointError, match="not a TinyLLaVA checkpoint"):
+        convert.load_tinyllava(str(tmp_path), cfg)
+
+
+def test_pytorch_bin_stage_folders(exported, tmp_path):
+    cfg, params, path = exported
+    for part in ("language_model", "vision_tower", "connector"):
+        (tmp_path / part).mkdir()
+        state = {k: torch.from_numpy(v.copy()) for k, v in convert.read_weights(str(path / part)).items()}
+        torch.save(state, str(tmp_path / part / "pytorch_model.bin"))
+    _assert_loaded_equal(convert.load_tinyllava(str(tmp_path), cfg), params, client_embedding_from_lm=True)
+
+
+def test_mismatched_sizes_and_merge_errors(exported):
+    cfg, params, path = exported
+    wider = dataclasses.replace(cfg, lm=dataclasses.replace(cfg.lm, model_dim=96))
+    with pytest.raises(convert.CheckpointError, match="mis-shaped"):
+        convert.load_tinyllava(str(path), wider)
+    with pytest.raises(convert.CheckpointError, match="loaded shape"):
+        convert.merge_params(params, {"client": {"connector": {"linear_0": {"bias": np.zeros(3)}}}})
+    with pytest.raises(convert.CheckpointError, match="no such parameter"):
+        convert.merge_params(params, {"client": {"projector": {}}})
+    assert T.IMAGE_TOKEN_INDEX == -200
