@@ -1,0 +1,166 @@
+"""Full-size model step times: JAX (jit) vs PyTorch eager, same weights, same machine, same script.
+
+  * SigLIP so400m/14-384 forward, the 26 layers TinyLLaVA uses, batch 1: qtl_jax `SiglipVisionTower` vs
+    transformers `SiglipVisionModel` (num_hidden_layers=26, no pooling head).
+  * OpenELM-270M forward + backward (cross-entropy on random targets), batch 1, sequence 728 + 64 = 792:
+    qtl_jax `OpenELM` under `jax.value_and_grad` vs the openelm-pytorch model with `loss.backward()`.
+  * This machine's float32 matmul rate (2048^3, the better of JAX and PyTorch), measured here too, so that
+    achieved FLOP/s can be read as a fraction of it.
+
+The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert), so both sides compute the
+same function; the script prints the largest output difference as a check. Median of --repeats runs after
+one warm-up (compilation excluded). fp32 throughout.
+
+    python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from qtl_jax.models import convert
+from qtl_jax.models.openelm import OPENELM_270M, OpenELM
+from qtl_jax.models.siglip import SIGLIP_SO400M, SiglipVisionTower
+from qtl_jax.models.tinyllava import cross_entropy
+
+
+def timed(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda a: a @ a)
+    t_jax = timed(lambda: mm(a).block_until_ready(), repeats)
+    at = torch.randn(n, n)
+    t_torch = timed(lambda: at @ at, repeats)
+    return 2 * n**3 / min(t_jax, t_torch)
+
+
+def siglip_flops(cfg, layers: int) -> float:
+    n, d, m = cfg.num_patches, cfg.width, cfg.mlp_dim
+    per_layer = 2 * n * d * d * 4 + 2 * 2 * n * n * d + 2 * 2 * n * d * m
+    patch = 2 * n * d * 3 * cfg.patch_size**2
+    return patch + layers * per_layer
+
+
+def openelm_fwd_flops(cfg, t: int) -> float:
+    total = 2 * t * cfg.model_dim * cfg.vocab_size  # tied head
+    for n_q, n_kv, ffn in zip(cfg.num_query_heads, cfg.num_kv_heads, cfg.ffn_dims, strict=True):
+        q_dim = n_q * cfg.head_dim
+        total += 2 * t * cfg.model_dim * (n_q + 2 * n_kv) * cfg.head_dim  # qkv
+        total += 2 * 2 * t * t * q_dim  # scores + weighted sum (full, causal not exploited)
+        total += 2 * t * q_dim * cfg.model_dim  # out
+        total += 2 * t * cfg.model_dim * 3 * ffn  # proj_1 (2I) + proj_2 (I)
+    return total
+
+
+def bench_siglip(repeats: int, peak: float) -> None:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SIGLIP_SO400M
+    torch.manual_seed(0)
+    hf = SiglipVisionModel(SiglipVisionConfig(
+        hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers_used,
+        num_attention_heads=cfg.num_heads, patch_size=cfg.patch_size, image_size=cfg.image_size,
+        vision_use_head=False)).eval()
+    weights = {k.removeprefix("vision_model."): v.numpy() for k, v in hf.state_dict().items()}
+    params = jax.device_put(convert._import_siglip(weights, cfg, "transformers SiglipVisionModel"))
+    del weights
+    images = np.random.default_rng(0).uniform(-1, 1, (1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    tower = SiglipVisionTower(cfg)
+    forward = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
+
+    def run_torch():
+        with torch.inference_mode():
+            return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+
+    diff = float(np.abs(np.asarray(forward(params, images)) - run_torch().numpy()).max())
+    t_jax = timed(lambda: forward(params, images).block_until_ready(), repeats)
+    t_torch = timed(run_torch, repeats)
+    flops = siglip_flops(cfg, cfg.layers_used)
+    print(f"SigLIP so400m forward (26 layers, batch 1, 729 patches): jax {t_jax:.3f} s, torch {t_torch:.3f} s, "
+          f"jax/torch speed-up {t_torch / t_jax:.2f}x; {flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} "
+          f"GFLOP/s = {flops / t_jax / peak:.0%} of matmul rate (torch {flops / t_torch / peak:.0%}); "
+          f"max |diff| {diff:.2e}")
+
+
+def bench_openelm(repeats: int, peak: float, seq: int) -> None:
+    from openelm_pytorch import openelm as openelm_torch
+    from openelm_pytorch.config import ModelConfig
+
+    # openelm-pytorch calls .view on non-contiguous q/k in its RoPE, which current torch refuses.
+    rope_forward = openelm_torch.RoPE.forward
+    openelm_torch.RoPE.forward = lambda self, x, offset=0: rope_forward(self, x.contiguous(), offset)
+    cfg = OPENELM_270M
+    torch.manual_seed(0)
+    tm = openelm_torch.OpenELM.from_config(ModelConfig.from_name("OpenELM-270M", vocab_size=cfg.vocab_size))
+    tm.reset_parameters()
+    assert tuple(tm.layers[i].ffn.proj_2.in_features for i in range(16)) == cfg.ffn_dims
+    weights = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    params = jax.device_put(convert._import_openelm(weights, cfg, "openelm-pytorch"))
+    del weights
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, (1, seq))
+    labels = rng.integers(0, cfg.vocab_size, (1, seq))
+    model = OpenELM(cfg)
+
+    def loss_fn(p):
+        logits, _ = model.apply({"params": p}, jnp.asarray(ids))
+        return cross_entropy(logits, jnp.asarray(labels))[0]
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
+
+    def run_torch():
+        tm.zero_grad(set_to_none=True)
+        logits = tm(ids_t, use_kv_cache=True)["logits"]
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels_t[0, 1:])
+        loss.backward()
+        return loss
+
+    diff = abs(float(step(params)[0]) - float(run_torch()))
+    t_jax = timed(lambda: jax.block_until_ready(step(params)), repeats)
+    t_torch = timed(run_torch, repeats)
+    flops = 3 * openelm_fwd_flops(cfg, seq)
+    print(f"OpenELM-270M forward+backward (batch 1, {seq} tokens): jax {t_jax:.3f} s, torch {t_torch:.3f} s, "
+          f"jax/torch speed-up {t_torch / t_jax:.2f}x; {flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} "
+          f"GFLOP/s = {flops / t_jax / peak:.0%} of matmul rate (torch {flops / t_torch / peak:.0%}); "
+          f"|loss diff| {diff:.2e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seq", type=int, default=728 + 64)
+    parser.add_argument("--skip-siglip", action="store_true")
+    parser.add_argument("--skip-openelm", action="store_true")
+    args = parser.parse_args()
+    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32")
+    peak = matmul_rate()
+    print(f"fp32 matmul rate (2048^3, best of jax/torch): {peak / 1e9:.0f} GFLOP/s")
+    if not args.skip_siglip:
+        bench_siglip(args.repeats, peak)
+    if not args.skip_openelm:
+        bench_openelm(args.repeats, peak, args.seq)
+
+
+if __name__ == "__main__":
+    main()
