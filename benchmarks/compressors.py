@@ -16,25 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import numpy as np
 import torch
+from timing import timed
 
 import qtl_jax.compress as C
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time in seconds of `fn()` (which must block until its result is ready)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- PyTorch peers

@@ -19,28 +19,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from timing import timed
 
 from qtl_jax.models import convert
 from qtl_jax.models.openelm import OPENELM_270M, OpenELM
 from qtl_jax.models.siglip import SIGLIP_SO400M, SiglipVisionTower
 from qtl_jax.models.tinyllava import cross_entropy
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
