@@ -1,0 +1,108 @@
+"""Templates and tokenization against hand-written ids, with a small Llama-style SentencePiece tokenizer.
+
+The tokenizer is built here (Unigram pieces with Metaspace "▁" word starts, byte fallback for "\\n", bos 1,
+eos 2, unk = pad = 0), so every expected id below can be checked by hand against PIECES. It reproduces the
+Llama-2 boundary cases that matter: a trailing space becomes a lone "▁" (4), a chunk after the image
+starts with "▁" + <0x0A>, and "USER" right after "</s>" gets no "▁" (17, not 7).
+"""
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
+
+from qtl_jax.data import templates
+from qtl_jax.data.templates import BadSample, encode, format_prompt, inference_prompt
+
+PIECES = ["<unk>", "<s>", "</s>", "<0x0A>", "▁", "▁Hi", ".", "▁USER", ":", "▁ASSISTANT", "what", "▁is", "▁it",
+          "?", "▁yes", "▁no", "▁red", "USER", "▁a", "▁cat"]
+X = -100
+REAL_SYSTEM = templates.SYSTEM  # captured before the fixture below shortens it
+
+
+@pytest.fixture(scope="module")
+def tok():
+    vocab = [(p, 0.0 if i < 4 else -1.0) for i, p in enumerate(PIECES)]
+    t = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=True))
+    t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    t.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+
+
+@pytest.fixture(autouse=True)
+def short_system(monkeypatch):
+    monkeypatch.setattr(templates, "SYSTEM", "Hi.")
+
+
+ONE_TURN = [{"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "yes"}]
+PROMPT_IDS = [1, 5, 6, 7, 8, 4, -200, 4, 3, 10, 11, 12, 13, 9, 8]  # "Hi. USER: " <image> "\nwhat is it? ASSISTANT:"
+
+
+def test_llama_prompt_string():
+    prompt, spans = format_prompt(ONE_TURN, "llama")
+    assert prompt == "Hi. USER: <image>\nwhat is it? ASSISTANT: yes</s>"
+    assert [prompt[a:b] for a, b in spans] == ["yes</s>"]
+    assert REAL_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. The "
+                           "assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def test_single_turn_ids_and_labels(tok):
+    enc = encode(ONE_TURN, tok, "llama", max_length=64)
+    assert enc.input_ids.tolist() == [*PROMPT_IDS, 14, 2]
+    assert enc.labels.tolist() == [X] * 15 + [14, 2]  # only "▁yes" and "</s>"
+
+
+def test_multi_turn_round_boundary(tok):
+    conv = [*ONE_TURN, {"from": "human", "value": "is it red?"}, {"from": "gpt", "value": "no"}]
+    enc = encode(conv, tok, "llama", max_length=64)
+    assert enc.prompt.endswith("yes</s>USER: is it red? ASSISTANT: no</s>")
+    assert enc.input_ids.tolist() == [*PROMPT_IDS, 14, 2, 17, 8, 11, 12, 16, 13, 9, 8, 15, 2]
+    assert enc.labels.tolist() == [X] * 15 + [14, 2] + [X] * 8 + [15, 2]
+
+
+def test_image_moves_to_the_front_of_the_first_question(tok):
+    moved = [{"from": "human", "value": "what is it? <image>"}, {"from": "gpt", "value": "yes"}]
+    assert encode(moved, tok, "llama", 64).input_ids.tolist() == [*PROMPT_IDS, 14, 2]
+
+
+def test_pretrain_template(tok):
+    conv = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "a cat"}]
+    enc = encode(conv, tok, "pretrain", 64)
+    assert enc.prompt == "<image>a cat\n"  # the human text is dropped, no </s>
+    assert enc.input_ids.tolist() == [1, -200, 18, 19, 3]
+    assert enc.labels.tolist() == [X, X, 18, 19, 3]
+
+
+def test_inference_prompt(tok):
+    assert inference_prompt(ONE_TURN[:1], tok).tolist() == PROMPT_IDS
+    assert inference_prompt(ONE_TURN, tok).tolist() == PROMPT_IDS  # a present answer is dropped
+
+
+def test_truncation_counts_image_rows(tok):
+    # 17 tokens + 4 extra image rows = 21 > 20: truncated to 16 tokens, the answer token survives.
+    enc = encode(ONE_TURN, tok, "llama", max_length=20, image_tokens=5)
+    assert enc.input_ids.tolist() == [*PROMPT_IDS, 14] and enc.labels.tolist()[-1] == 14
+    with pytest.raises(BadSample, match=r"sample s7: 17 tokens .* exceed max_length 19"):
+        encode(ONE_TURN, tok, "llama", max_length=19, image_tokens=5, sample_id="s7")
+
+
+@pytest.mark.parametrize(("conv", "message"), [
+    ([], "empty conversation"),
+    ([{"from": "human", "value": "<image>\nhi"}], "ends without an answer"),
+    ([{"from": "human", "value": "hi"}, {"from": "assistant", "value": "yes"}], "role 'assistant', expected 'gpt'"),
+    ([{"from": "gpt", "value": "hi"}, {"from": "gpt", "value": "yes"}], "role 'gpt', expected 'human'"),
+    ([{"from": "human"}, {"from": "gpt", "value": "yes"}], "needs 'from' and 'value'"),
+    ([*ONE_TURN, {"from": "human", "value": "<image> again"}, {"from": "gpt", "value": "no"}],
+     "appears after the first question"),
+])
+def test_bad_conversations_name_the_sample(tok, conv, message):
+    with pytest.raises(BadSample, match=f"sample id42: .*{message}"):
+        encode(conv, tok, "llama", 64, sample_id="id42")
+
+
+def test_labels_are_int32_arrays(tok):
+    enc = encode(ONE_TURN, tok, "llama", 64)
+    assert enc.input_ids.dtype == np.int32 and enc.labels.dtype == np.int32
