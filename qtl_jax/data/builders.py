@@ -89,9 +89,10 @@ class ShapesVqa(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager):
         del dl_manager
         samples = _split_samples(self.builder_config)
-        self.info.metadata["baselines"] = shapes.baselines(samples["train"], samples["test"])
+        self.info.metadata["baselines"] = shapes.baselines(samples["train"], samples["test"] or samples["train"])
         self.info.metadata["image_size"] = self.builder_config.image_size
-        return {split: self._generate_examples(split, items) for split, items in samples.items()}
+        # tfds cannot write an empty split: a config without captions simply has no `pretrain` split.
+        return {split: self._generate_examples(split, items) for split, items in samples.items() if items}
 
     def _generate_examples(self, split: str, samples: list[shapes.Sample]):
         size = self.builder_config.image_size
@@ -197,7 +198,10 @@ class LlavaFormat(tfds.core.GeneratorBasedBuilder):
         self.info.metadata["skipped"] = len(skipped)
         self.info.metadata["skipped_reasons"] = skipped[:100]
         self.info.metadata["samples"] = len(good)
-        return {"train": iter(good)}
+        return {"train": self._generate_examples(good)}
+
+    def _generate_examples(self, examples):
+        yield from examples
 
     def _example(self, record: dict, sample_id: str):
         cfg = self.builder_config

@@ -9,7 +9,9 @@ only enters the length budget (`max_length` counts the N image rows).
 
 grain provides the seeded shuffle, per-host sharding (`shard_index` / `shard_count`, default the JAX process),
 optional worker processes and an iterator whose `get_state()` / `set_state()` restore the exact position:
-a restored iterator yields exactly the batches the uninterrupted one would.
+a restored iterator yields exactly the batches the uninterrupted one would. With worker processes each
+worker batches its own slice of the shuffled records, so batches differ from `worker_count=0` but are the
+same on every run with the same worker count.
 
 Batch: images float32[B, S, S, 3] in [-1, 1] (zeros for text-only samples), input_ids int32[B, T],
 attention_mask bool[B, T], labels int32[B, T] (-100 = not supervised), id str[B] (sample ids) and

@@ -1,0 +1,118 @@
+"""tfds builders: Shapes-VQA records and metadata; LLaVA-format data with every kind of bad input."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qtl_jax.data import builders, shapes
+from qtl_jax.data.templates import BadSample
+from qtl_jax.data.tokenizer import load_tokenizer
+
+from .conftest import SMALL
+
+
+def test_shapes_builder_records_metadata_and_tokenizer(small_shapes):
+    builder, tokenizer_dir = small_shapes
+    sources = builder.as_data_source()
+    assert {k: len(v) for k, v in sources.items()} == {"pretrain": 24, "train": 80, "validation": 20, "test": 20}
+    record = sources["train"][0]
+    conv = json.loads(record["conversations"])
+    assert conv[0]["value"].startswith("<image>\n") and conv[1]["from"] == "gpt"
+    image = np.asarray(Image.open(io.BytesIO(bytes(record["image"]))))
+    assert image.shape == (32, 32, 3)
+    # The record is the generator's sample, rendered with the split's seed: regenerate and compare.
+    samples = {s.uid: s for s in shapes.generate_samples("train", 1, SMALL.num_qa, 0)}
+    uid = record["id"].decode()
+    index = int(uid.rsplit("-", 1)[1])
+    np.testing.assert_array_equal(image, shapes.render(samples[uid].objects, 32, np.random.default_rng([1, index])))
+    baselines = builder.info.metadata["baselines"]
+    assert set(baselines) == set(shapes.QUESTION_TYPES)
+    assert baselines["exists"]["chance"] == 0.5
+    tok = load_tokenizer(tokenizer_dir)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 0)
+    ids = tok("what color is the circle?").input_ids
+    assert ids[0] == 1 and 0 not in ids
+
+
+def test_shapes_builder_is_cached(small_shapes, tmp_path):
+    builder, _ = small_shapes
+    again, _ = builders.prepare_shapes(str(builder._data_dir_root), SMALL)
+    assert again.data_dir == builder.data_dir
+
+
+def _png(color=(255, 0, 0)):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _llava(tmp_path, records, jsonl=False, extra_lines=()):
+    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images" / "a.png").write_bytes(_png())
+    (tmp_path / "images" / "bad.jpg").write_bytes(b"\xff\xd8 corrupt")
+    path = tmp_path / ("data.jsonl" if jsonl else "data.json")
+    if jsonl:
+        path.write_text("\n".join([json.dumps(r) for r in records] + list(extra_lines)))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+GOOD = {"id": "ok1", "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "red"}]}
+TEXT_ONLY = {"id": "txt", "conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello"}]}
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_llava_builder(tmp_path, jsonl):
+    path = _llava(tmp_path, [GOOD, TEXT_ONLY], jsonl)
+    builder = builders.prepare_llava(str(tmp_path / "tfds"), str(path), str(tmp_path / "images"))
+    source = builder.as_data_source()["train"]
+    records = {r["id"].decode(): r for r in (source[i] for i in range(len(source)))}
+    assert set(records) == {"ok1", "txt"}
+    assert bytes(records["ok1"]["image"]) == _png() and len(records["txt"]["image"]) == 0
+    assert json.loads(records["txt"]["conversations"])[1]["value"] == "Hello"
+    assert builder.info.metadata["skipped"] == 0
+
+
+BAD = [
+    ({"id": "b1", "image": "missing.png", "conversations": GOOD["conversations"]}, "sample b1: image file .*missing"),
+    ({"id": "b2", "image": "bad.jpg", "conversations": GOOD["conversations"]}, "sample b2 .*cannot decode"),
+    ({"id": "b3", "conversations": [{"from": "human", "value": "<image>\nQ?"}]}, "sample b3: .*without an answer"),
+    ({"id": "b4", "conversations": [{"from": "human", "value": "Q"}, {"from": "bot", "value": "A"}]},
+     "sample b4: .*role 'bot'"),
+    ({"id": "b5", "conversations": []}, "sample b5: empty conversation"),
+]
+
+
+@pytest.mark.parametrize(("record", "message"), BAD, ids=[r["id"] for r, _ in BAD])
+def test_llava_bad_sample_fails_naming_file_and_sample(tmp_path, record, message):
+    path = _llava(tmp_path, [GOOD, record])
+    with pytest.raises(BadSample, match=f"{path.name}: {message}"):
+        builders.prepare_llava(str(tmp_path / "tfds"), str(path), str(tmp_path / "images"))
+
+
+def test_llava_skip_counts_bad_samples(tmp_path):
+    path = _llava(tmp_path, [GOOD] + [r for r, _ in BAD])
+    builder = builders.prepare_llava(str(tmp_path / "tfds"), str(path), str(tmp_path / "images"),
+                                     on_bad_sample="skip")
+    assert len(builder.as_data_source()["train"]) == 1
+    assert builder.info.metadata["skipped"] == len(BAD)
+    assert any("b4" in reason for reason in builder.info.metadata["skipped_reasons"])
+
+
+def test_malformed_annotations(tmp_path):
+    path = _llava(tmp_path, [GOOD], jsonl=True, extra_lines=['{"id": "x", "conversations": [}'])
+    with pytest.raises(BadSample, match=r"data.jsonl:2: malformed JSON line"):
+        builders.read_annotations(str(path))
+    (tmp_path / "broken.json").write_text('[{"id": 1,}]')
+    with pytest.raises(BadSample, match=r"broken\.json: malformed JSON at line 1"):
+        builders.read_annotations(str(tmp_path / "broken.json"))
+    (tmp_path / "noconv.json").write_text('[{"id": "q"}]')
+    with pytest.raises(BadSample, match=r"sample 1 .* has no 'conversations'"):
+        builders.read_annotations(str(tmp_path / "noconv.json"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        builders.read_annotations(str(tmp_path / "nope.json"))
