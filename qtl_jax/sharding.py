@@ -67,6 +67,8 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
             spec.append(axes[0] if len(axes) == 1 else axes)
         else:
             spec.append(None)
+    while spec and spec[-1] is None:  # canonical form (P("fsdp") not P("fsdp", None)), as jit returns it
+        spec.pop()
     return P(*spec)
 
 

@@ -18,11 +18,11 @@ def test_rules_map_logical_names_with_fallbacks():
     assert sharding.logical_to_spec(("embed", "mlp"), (64, 128), mesh) == P("fsdp", "tensor")
     assert sharding.logical_to_spec(("vocab", "embed"), (64, 64), mesh) == P("tensor", "fsdp")
     assert sharding.logical_to_spec(("embed", "mlp"), (63, 128), mesh) == P(None, "tensor")  # 63 % 2 != 0
-    assert sharding.logical_to_spec(("norm",), (64,), mesh) == P(None)
-    assert sharding.logical_to_spec(("mlp", "heads"), (64, 64), mesh) == P("tensor", None)  # tensor used once
-    assert sharding.logical_to_spec(("batch", None), (8, 3), mesh) == P(("data", "fsdp"), None)
+    assert sharding.logical_to_spec(("norm",), (64,), mesh) == P()
+    assert sharding.logical_to_spec(("mlp", "heads"), (64, 64), mesh) == P("tensor")  # tensor used once
+    assert sharding.logical_to_spec(("batch", None), (8, 3), mesh) == P(("data", "fsdp"))
     small = sharding.make_mesh((4,), axis_names=("data",))
-    assert sharding.logical_to_spec(("embed", "mlp"), (64, 64), small) == P(None, None)  # axes absent
+    assert sharding.logical_to_spec(("embed", "mlp"), (64, 64), small) == P()  # axes absent
 
 
 def test_make_mesh_refuses_too_many_devices():
