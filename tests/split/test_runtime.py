@@ -76,7 +76,7 @@ def test_downlink_codecs_bytes_and_error():
     # NF b-bit blocks of 64: b + 8/64 + 32/64 bits per element + 64 bits per row (8 bytes).
     assert sizes["nf8"] == n * 8 // 8 + n // 64 + 4 * n // 64 + 8 * 50
     assert sizes["nf4"] == n * 4 // 8 + n // 64 + 4 * n // 64 + 8 * 50
-    assert errors["fp32"] == 0 and errors["bf16"] < 5e-3 and errors["nf8"] < 2e-2 < errors["nf4"] < 0.2, errors
+    assert errors["fp32"] == 0 and errors["bf16"] < 5e-3 and errors["nf8"] < 2.5e-2 < errors["nf4"] < 0.2, errors
     assert compress_downlink("fp32", (grads[0], None))[1] is None  # token_ids transport: no text gradient
 
 
