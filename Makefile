@@ -1,12 +1,12 @@
 # Two commands do all the setup on a fresh machine (see README):
-#   make run    the main job
+#   make run    the main job: both training stages on the built-in dataset (tiny preset, CPU)
 #   make test   lint + the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-models clean
+.PHONY: run demo test lint bench bench-models clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
+	$(PY) train.py --config configs/finetune.py --workdir workdir
+
+demo: $(STAMP)
 	$(PY) -m qtl_jax.compress
 
 lint: $(STAMP)

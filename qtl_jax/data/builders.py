@@ -59,6 +59,8 @@ class ShapesVqaConfig(tfds.core.BuilderConfig):
 SHAPES_CONFIGS = {
     "tiny": ShapesVqaConfig(name="tiny", description="64 px, 20k QA + 5k captions, 1k validation/test",
                             image_size=64, num_qa=20_000, num_captions=5_000, num_eval=1_000),
+    "smoke": ShapesVqaConfig(name="smoke", description="64 px, 64 QA + 32 captions, 16 validation/test (tests)",
+                             image_size=64, num_qa=64, num_captions=32, num_eval=16),
     "paper_size": ShapesVqaConfig(name="paper_size", description="384 px images (the paper's SigLIP input)",
                                   image_size=384, num_qa=20_000, num_captions=5_000, num_eval=1_000),
 }

@@ -379,18 +379,21 @@ def load_tinyllava(path: str, config) -> dict:
     return {"client": client, "server": {"language_model": lm_params}}
 
 
-def merge_params(params: dict, loaded: dict, where: str = "params") -> dict:
+def merge_params(params: dict, loaded: dict, where: str = "params", ignore_extra: bool = False) -> dict:
     """Replaces subtrees of `params` (e.g. freshly initialised, possibly boxed) with `loaded` arrays.
 
-    Raises CheckpointError when a loaded leaf has no counterpart or another shape.
+    Raises CheckpointError when a loaded leaf has another shape, or has no counterpart in the model (unless
+    `ignore_extra`: then it is left out, e.g. a stage-1 text compressor when stage 2 sends token ids).
     """
     params = nn.meta.unbox(params)
     out = dict(params)
     for key, value in loaded.items():
         if key not in params:
+            if ignore_extra:
+                continue
             raise CheckpointError(f"{where}/{key}: loaded, but the model has no such parameter")
         if isinstance(value, dict):
-            out[key] = merge_params(params[key], value, f"{where}/{key}")
+            out[key] = merge_params(params[key], value, f"{where}/{key}", ignore_extra)
         else:
             if tuple(np.shape(value)) != tuple(params[key].shape):
                 raise CheckpointError(f"{where}/{key}: loaded shape {np.shape(value)}, model {params[key].shape}")

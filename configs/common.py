@@ -1,0 +1,101 @@
+"""Shared pieces of the training configs: argument parsing and the full field list with its presets.
+
+`get_config("preset=tiny")` style arguments (big_vision's `parse_arg`): comma-separated key=value pairs.
+Presets:
+  tiny   (default) the built-in Shapes-VQA dataset, tiny SigLIP / OpenELM from random weights, CPU, fp32.
+         Because nothing is pretrained, both stages train the towers too (the paper freezes them).
+  paper  the paper's sizes, data paths, hyperparameters and bf16 compute; needs real checkpoints and data.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("tiny", "paper")
+STAGES = ("pretrain", "finetune")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'a=1,b=x' -> ConfigDict(a=1, b='x') over `defaults` (values keep the defaults' types)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        if "=" not in item:
+            raise ValueError(f"config argument {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; expected one of {sorted(defaults)}")
+        out[key] = type(defaults[key])(value) if not isinstance(defaults[key], bool) else value == "true"
+    return out
+
+
+def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
+    """Every field the trainer reads, for one stage and preset (each field commented)."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    tiny = preset == "tiny"
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.stage = stage
+    c.seed = 0
+    c.init_from = ""  # finetune: a stage-1 workdir; empty = run stage 1 first (into workdir/pretrain)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "shapes" if tiny else "llava"  # "shapes" (built-in) or "llava" (annotation + images)
+    c.data.data_dir = "~/tensorflow_datasets"  # where tfds builders write their array_record files
+    c.data.shapes_config = "tiny"  # Shapes-VQA variant: tiny | smoke (tests) | paper_size
+    c.data.annotation_file = "" if tiny else (
+        "data/blip_laion_cc_sbu_558k.json" if stage == "pretrain" else "data/llava_v1_5_mix665k.json")
+    c.data.image_root = "" if tiny else "data/images"
+    c.data.tokenizer = ""  # tokenizer folder; empty = the built-in dataset's (paper: the Llama-2 tokenizer)
+    c.data.template = "pretrain" if stage == "pretrain" else "llama"
+    c.data.max_length = 512 if tiny else 2048  # text tokens + image rows
+    c.data.buckets = (32, 48, 64) if tiny else (64, 128, 256, 512, 1024, 1344)  # padded text lengths
+    c.data.worker_count = 0
+    c.data.on_bad_sample = "fail"  # or "skip"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.size = preset  # "tiny" or "paper"
+    c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype
+    c.model.siglip_checkpoint = "" if tiny else "checkpoints/siglip-so400m-patch14-384"
+    c.model.openelm_checkpoint = "" if tiny else "checkpoints/OpenELM-270M-Instruct"
+    c.model.tinyllava_checkpoint = ""  # a full TinyLLaVA checkpoint instead of the two above
+
+    c.compressor = ml_collections.ConfigDict()
+    c.compressor.image = "rd_fsq"  # rd_fsq | fsq_tanh | nf | none_fp32 | none_bf16 | none_fp16
+    c.compressor.text = "rd_fsq"
+    c.compressor.bits = 2
+    c.compressor.text_transport = "quantized_embeddings"  # or token_ids
+    c.compressor.commitment_weight = 0.25
+
+    c.split = ml_collections.ConfigDict()
+    c.split.mode = "meshes"  # single | meshes
+    c.split.client_mesh = (1, 1, 1)  # (data, fsdp, tensor) devices of the client
+    c.split.server_mesh = (1, 1, 1)
+    c.split.downlink = "fp32"  # fp32 | bf16 | nf8 | nf4
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.batch_size = 16 if tiny else (32 if stage == "pretrain" else 8)  # per step, before accumulation
+    c.optim.accum_steps = 1 if tiny else 2
+    c.optim.lr = (2e-3 if tiny else 5e-4) if stage == "pretrain" else (1e-3 if tiny else 2e-5)
+    c.optim.weight_decay = 0.1 if stage == "pretrain" else 0.0  # not applied to biases and norms
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+    c.optim.warmup_ratio = 0.02 if stage == "pretrain" else 0.03
+    c.optim.grad_clip = 1.0
+    c.optim.epochs = 1
+    c.optim.max_steps = 0  # > 0 caps the number of optimizer steps (quick runs, tests)
+    # What trains. The paper freezes the pretrained towers; tiny starts from random weights, so it trains
+    # them too in both stages.
+    c.optim.trainable = (("vision_tower", "connector", "compressors", "token_embeddings", "language_model")
+                         if tiny else (("connector", "compressors") if stage == "pretrain"
+                                       else ("connector", "compressors", "token_embeddings", "language_model")))
+
+    c.checkpoint_every = 200  # steps between checkpoints (one is always written at the end)
+    c.stop_after = 0  # > 0: stop after this many steps, as if interrupted; rerunning resumes
+    c.log_every = 10
+    c.eval = ml_collections.ConfigDict()
+    c.eval.max_new_tokens = 4 if tiny else 128
+    c.eval.batch_size = 32 if tiny else 1
+    c.eval.max_examples = 0  # 0 = the whole split
+    return c

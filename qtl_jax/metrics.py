@@ -1,0 +1,43 @@
+"""Metric writers: JSON lines always (`metrics.jsonl` in the workdir), TensorBoard when `tensorboardX` is
+installed. One record per call: {"step": int, "stage": str, ...scalars}."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class MetricWriter:
+    def __init__(self, workdir: str, stage: str):
+        os.makedirs(workdir, exist_ok=True)
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.stage = stage
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", stage))
+        except ImportError:
+            self._tb = None
+
+    def write(self, step: int, **scalars) -> None:
+        record = {"step": int(step), "stage": self.stage, "time": time.time(),
+                  **{k: (float(v) if not isinstance(v, str | dict) else v) for k, v in scalars.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
