@@ -329,6 +329,9 @@ def train_stage(config, workdir: str) -> dict:
                               jax.eval_shape(T.TinyLlavaClient(model_cfg).init, jax.random.key(0), *example),
                               *example).uplink.nbytes
         summary["uplink_ratio_to_fp16"] = ours / fp16_uplink_bytes(model_cfg, example)
+    if config.stage == "finetune":  # the trained model back in the Hugging Face layout, for PyTorch users
+        convert.export_tinyllava(params, model_cfg, os.path.join(workdir, "export"))
+        summary["export"] = os.path.join(workdir, "export")
     for name, source in eval_sources.items():
         summary[f"{name}_accuracy"] = evaluate(config, model_cfg, params, source, tokenizer_dir, dtype)
         writer.write(step, **{f"{name}_accuracy_{k}": v for k, v in summary[f"{name}_accuracy"].items()})

@@ -46,7 +46,16 @@ def test_both_stages_end_to_end_in_meshes_mode(tmp_path_factory, tmp_path):
     records = read_metrics(str(tmp_path / "finetune"))
     assert [r["step"] for r in records if "ce_loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["ce_loss"]) for r in records if "ce_loss" in r)
-    assert os.path.isdir(tmp_path / "pretrain" / "checkpoints" / "3")
+    assert os.path.isdir(tmp_path / "pretrain" / "checkpoints" / "2")  # 32 captions / batch 16 = 2 steps
+    # The trained model is exported in the Hugging Face layout and loads back.
+    from qtl_jax.models import convert
+
+    export = tmp_path / "finetune" / "export"
+    assert sorted(p.name for p in export.iterdir()) == [
+        "client_token_embeddings.safetensors", "connector", "language_model", "qtl_jax.json", "vision_tower"]
+    _, lm = convert.load_openelm(str(export / "language_model"))
+    final = trainer.final_params(str(tmp_path / "finetune"))
+    np.testing.assert_array_equal(lm["norm"]["weight"], np.asarray(final["server"]["language_model"]["norm"]["weight"]))
 
 
 def test_single_mode_stage_two_from_a_stage_one_workdir(tmp_path_factory, tmp_path):
