@@ -46,7 +46,7 @@ def test_both_stages_end_to_end_in_meshes_mode(tmp_path_factory, tmp_path):
     records = read_metrics(str(tmp_path / "finetune"))
     assert [r["step"] for r in records if "ce_loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["ce_loss"]) for r in records if "ce_loss" in r)
-    assert os.path.isdir(tmp_path / "pretrain" / "checkpoints" / "2")  # 32 captions / batch 16 = 2 steps
+    assert os.path.isdir(tmp_path / "pretrain" / "checkpoints" / "3")  # stage 1 capped at max_steps too
     # The trained model is exported in the Hugging Face layout and loads back.
     from qtl_jax.models import convert
 
