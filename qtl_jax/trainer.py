@@ -231,23 +231,24 @@ def evaluate(config, model_cfg, params, source, tokenizer_dir: str, dtype) -> di
         for i in range(batch):
             tokens = [t for t in out[i].tolist() if t not in (tok.eos_token_id, tok.pad_token_id)]
             hit = normalize_answer(tok.decode(tokens)) == normalize_answer(answers[i])
-            for key in ("all", types[i] or "all"):
+            for key in {"all", types[i]} - {""}:
                 correct[key] = correct.get(key, 0) + hit
                 total[key] = total.get(key, 0) + 1
-            if not types[i]:
-                total["all"] -= 1
-                correct["all"] -= hit
     return {k: correct[k] / total[k] for k in total if total[k]}
 
 
 # ------------------------------------------------------------------------------------------------- stage
-def fp16_uplink_bytes(model_cfg, example_shapes) -> int:
-    """What the same uplink would cost with fp16 features (the paper's reference), exactly."""
-    ref = dataclasses.replace(model_cfg, image_codec=make_codec("none_fp16"), text_codec=make_codec("none_fp16"))
-    client = T.TinyLlavaClient(ref)
-    params = jax.eval_shape(client.init, jax.random.key(0), *example_shapes)
-    out = jax.eval_shape(lambda p, *b: client.apply(p, *b), params, *example_shapes)
-    return out.uplink.nbytes
+def uplink_nbytes(model_cfg, example) -> int:
+    """Exact uplink bytes of the client half on a batch of this shape (nothing is computed)."""
+    client = T.TinyLlavaClient(model_cfg)
+    params = jax.eval_shape(client.init, jax.random.key(0), *example)
+    return jax.eval_shape(lambda p, *b: client.apply(p, *b), params, *example).uplink.nbytes
+
+
+def uplink_ratio_to_fp16(model_cfg, example) -> float:
+    """Uplink bytes relative to sending the same rows as fp16 (the paper's reference)."""
+    fp16 = dataclasses.replace(model_cfg, image_codec=make_codec("none_fp16"), text_codec=make_codec("none_fp16"))
+    return uplink_nbytes(model_cfg, example) / uplink_nbytes(fp16, example)
 
 
 def train_stage(config, workdir: str) -> dict:
@@ -325,10 +326,7 @@ def train_stage(config, workdir: str) -> dict:
         summary["downlink_bytes_per_sample"] = totals["downlink_bytes"] / totals["samples"]
         example = _example_batch(model_cfg, max(config.data.buckets[0], 8))
         example = tuple(np.repeat(x, config.optim.batch_size, 0) for x in example)
-        ours = jax.eval_shape(lambda p, *b: T.TinyLlavaClient(model_cfg).apply(p, *b),
-                              jax.eval_shape(T.TinyLlavaClient(model_cfg).init, jax.random.key(0), *example),
-                              *example).uplink.nbytes
-        summary["uplink_ratio_to_fp16"] = ours / fp16_uplink_bytes(model_cfg, example)
+        summary["uplink_ratio_to_fp16"] = uplink_ratio_to_fp16(model_cfg, example)
     if config.stage == "finetune":  # the trained model back in the Hugging Face layout, for PyTorch users
         convert.export_tinyllava(params, model_cfg, os.path.join(workdir, "export"))
         summary["export"] = os.path.join(workdir, "export")
