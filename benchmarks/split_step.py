@@ -24,7 +24,7 @@ from timing import timed  # noqa: E402
 from qtl_jax.models import tinyllava as T  # noqa: E402
 from qtl_jax.models.openelm import OPENELM_TINY, OpenELMConfig  # noqa: E402
 from qtl_jax.models.siglip import SIGLIP_TINY, SiglipConfig  # noqa: E402
-from qtl_jax.split.runtime import SplitConfig, SplitTrainer  # noqa: E402
+from qtl_jax.split.runtime import MODEL_KEYS, SplitConfig, SplitTrainer  # noqa: E402
 
 MID = dataclasses.replace(
     T.TINYLLAVA_TINY,
@@ -44,13 +44,10 @@ def batch(cfg, size: int, length: int = 48):
 
 
 def step_time(cfg, mode: str, data, repeats: int) -> float:
-    boxed = jax.eval_shape(T.TinyLlava(cfg).init, jax.random.key(0), *(data[k] for k in T_KEYS))["params"]
-    params = nn.meta.unbox(jax.jit(T.TinyLlava(cfg).init)(jax.random.key(0), *(data[k] for k in T_KEYS)))["params"]
+    boxed = jax.eval_shape(T.TinyLlava(cfg).init, jax.random.key(0), *(data[k] for k in MODEL_KEYS))["params"]
+    params = nn.meta.unbox(jax.jit(T.TinyLlava(cfg).init)(jax.random.key(0), *(data[k] for k in MODEL_KEYS)))["params"]
     trainer = SplitTrainer(cfg, SplitConfig(mode=mode), optax.sgd(1e-3), optax.sgd(1e-3), params, boxed_like=boxed)
     return timed(lambda: jax.block_until_ready(trainer.step(data)["ce_loss"]), repeats)
-
-
-T_KEYS = ("images", "input_ids", "attention_mask", "labels")
 
 
 def main() -> None:

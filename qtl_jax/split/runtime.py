@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from qtl_jax import sharding
 from qtl_jax.compress import Payload, make_codec
@@ -112,14 +111,15 @@ class HalfState:
     opt_state: Any
 
 
-def _batch_spec(mesh, x):
-    names = ("batch",) + (None,) * (np.ndim(x) - 1)
+def _batch_spec(mesh, x) -> NamedSharding:
+    """Leading (batch) axis over the mesh's data axes when it divides; scalars replicated."""
+    names = ("batch",) + (None,) * (np.ndim(x) - 1) if np.ndim(x) else ()
     return NamedSharding(mesh, sharding.logical_to_spec(names, np.shape(x), mesh))
 
 
-def put_batch(batch: dict, mesh) -> dict:
-    """Host batch -> arrays sharded over the mesh's data axes (the only host -> device transfer)."""
-    return {k: jax.device_put(np.asarray(v), _batch_spec(mesh, v)) for k, v in batch.items()}
+def to_mesh(tree, mesh):
+    """Moves a pytree (host batch, uplink, downlink) onto `mesh`: the only way data crosses between halves."""
+    return jax.tree.map(lambda a: jax.device_put(a, _batch_spec(mesh, a)), tree)
 
 
 MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels")
@@ -229,26 +229,22 @@ class SplitTrainer:
         uplink_bytes, downlink_bytes (exact, from the payloads), as device scalars / Python ints."""
         model_batch = {k: batch[k] for k in MODEL_KEYS}
         if self.split.mode == "single":
-            data = put_batch(model_batch, self.meshes["client"])
+            data = to_mesh(model_batch, self.meshes["client"])
             with jax.set_mesh(self.meshes["client"]):
                 c, s, ce, aux = self._single_step(self.state["client"], self.state["server"], data)
             self.state = {"client": c, "server": s}
             return {"ce_loss": ce, "commitment_loss": aux["commitment_loss"],
                     "uplink_bytes": int(aux["uplink_bytes"]), "downlink_bytes": 0}
         client, server = self.state["client"], self.state["server"]
-        data = put_batch(model_batch, self.meshes["client"])
+        data = to_mesh(model_batch, self.meshes["client"])
         with jax.transfer_guard("disallow"):
             with jax.set_mesh(self.meshes["client"]):
                 uplink, commitment, vjp = self._client_forward(client.params, data)
-            uplink_server = jax.device_put(uplink, jax.tree.map(
-                lambda a: _batch_spec(self.meshes["server"], a) if a.ndim else NamedSharding(
-                    self.meshes["server"], P()), uplink))
+            uplink_server = to_mesh(uplink, self.meshes["server"])
             with jax.set_mesh(self.meshes["server"]):
                 s_params, s_opt, ce, aux, downlink = self._server_step(server.params, server.opt_state,
                                                                        uplink_server)
-            downlink_client = jax.device_put(downlink, jax.tree.map(
-                lambda a: _batch_spec(self.meshes["client"], a) if a.ndim else NamedSharding(
-                    self.meshes["client"], P()), downlink))
+            downlink_client = to_mesh(downlink, self.meshes["client"])
             with jax.set_mesh(self.meshes["client"]):
                 c_params, c_opt = self._client_update(client.params, client.opt_state, vjp, downlink_client)
         self.state = {"client": HalfState(c_params, c_opt), "server": HalfState(s_params, s_opt)}
