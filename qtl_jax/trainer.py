@@ -208,6 +208,7 @@ def evaluate(config, model_cfg, params, source, tokenizer_dir: str, dtype) -> di
     correct, total = {}, {}
     bucket = config.data.buckets[-1]
     client = jax.jit(lambda p, *b: T.client_apply(model_cfg, p, *b, dtype=dtype).uplink)
+    embed = T.token_rows_fn(model_cfg, params, dtype) if model_cfg.quantized_text else None
     for start in range(0, n, config.eval.batch_size):
         chunk = records[start:start + config.eval.batch_size]
         size = model_cfg.vision.image_size
@@ -227,7 +228,7 @@ def evaluate(config, model_cfg, params, source, tokenizer_dir: str, dtype) -> di
         mask[:, 0] = True
         uplink = client(params["client"], images, ids, mask, np.full_like(ids, -100))
         out = T.server_generate(model_cfg, params["server"], uplink, dtype, max_new_tokens=config.eval.max_new_tokens,
-                                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+                                eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, embed=embed)
         for i in range(batch):
             tokens = [t for t in out[i].tolist() if t not in (tok.eos_token_id, tok.pad_token_id)]
             hit = normalize_answer(tok.decode(tokens)) == normalize_answer(answers[i])

@@ -57,10 +57,10 @@ class ShapesVqaConfig(tfds.core.BuilderConfig):
 
 
 SHAPES_CONFIGS = {
-    "tiny": ShapesVqaConfig(name="tiny", description="64 px, 20k QA + 5k captions, 1k validation/test",
-                            image_size=64, num_qa=20_000, num_captions=5_000, num_eval=1_000),
-    "smoke": ShapesVqaConfig(name="smoke", description="64 px, 64 QA + 32 captions, 16 validation/test (tests)",
-                             image_size=64, num_qa=64, num_captions=32, num_eval=16),
+    "tiny": ShapesVqaConfig(name="tiny", description="48 px, 20k QA + 5k captions, 1k validation/test",
+                            image_size=48, num_qa=20_000, num_captions=5_000, num_eval=1_000),
+    "smoke": ShapesVqaConfig(name="smoke", description="48 px, 64 QA + 32 captions, 16 validation/test (tests)",
+                             image_size=48, num_qa=64, num_captions=32, num_eval=16),
     "paper_size": ShapesVqaConfig(name="paper_size", description="384 px images (the paper's SigLIP input)",
                                   image_size=384, num_qa=20_000, num_captions=5_000, num_eval=1_000),
 }
@@ -80,8 +80,9 @@ class ShapesVqa(tfds.core.GeneratorBasedBuilder):
     """The built-in dataset: rendered shapes with captions (split `pretrain`) and QA (`train`, `validation`,
     `test`); see `qtl_jax.data.shapes`. Its metadata holds chance and majority baselines per question type."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release.",
+                                               "1.1.0": "tiny and smoke render at 48 px (16 px grid cells)."}
     BUILDER_CONFIGS: ClassVar[list] = list(SHAPES_CONFIGS.values())
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -39,7 +39,7 @@ class PipelineConfig:
     template: "pretrain" (stage 1) or "llama" (stage 2).
     batch_size: per-host batch size.
     image_size: side of the preprocessed square images.
-    image_tokens: feature rows per image in the model (728 paper, 63 tiny): counted against max_length.
+    image_tokens: feature rows per image in the model (728 paper, 9 tiny): counted against max_length.
     max_length: the model's sequence limit (text tokens + image rows).
     buckets: allowed padded text lengths, ascending; a sample longer than the largest is a bad sample.
     seed: shuffle seed.
@@ -52,8 +52,8 @@ class PipelineConfig:
 
     template: str = "llama"
     batch_size: int = 8
-    image_size: int = 64
-    image_tokens: int = 63
+    image_size: int = 48
+    image_tokens: int = 9
     max_length: int = 2048
     buckets: tuple[int, ...] = (32, 64, 128, 256)
     seed: int = 0

@@ -5,13 +5,18 @@ to a common length P. One jitted prefill writes its keys/values into a cache of 
 then one jitted decode step per token: row i's t-th new token sits at absolute position length_i + t,
 overwriting that row's padding slots in order, so "keys at positions <= the query's" is exactly the row's
 real history. Both functions are compiled once per (batch, P, max_new_tokens); the Python loop only stops
-early when every row has emitted eos. Generated tokens are embedded directly (not quantized), as in the
-reference: only the prompt crosses the wire.
+early when every row has emitted eos.
+
+Generated tokens are embedded by the LM's own input table by default, as in the reference (there the client's
+text embedding is a copy of that table). Where the LM was trained on other text rows, such as TinyLLaVA
+trained from scratch with quantized text embeddings, pass `embed`: the rows the server would receive for the
+new tokens (`qtl_jax.models.tinyllava.server_generate` does).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -32,8 +37,12 @@ def _prefill(model: OpenELM, params, embeds, lengths, max_len: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _decode_step(model: OpenELM, params, cache, tokens, positions):
-    embeds = model.apply({"params": params}, tokens[:, None], method=OpenELM.embed)
+def _embed(model: OpenELM, params, tokens):
+    return model.apply({"params": params}, tokens, method=OpenELM.embed)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_step(model: OpenELM, params, cache, embeds, positions):
     logits, cache = model.apply({"params": params}, inputs_embeds=embeds, positions=positions[:, None], cache=cache)
     return logits[:, 0], cache
 
@@ -56,6 +65,7 @@ def generate(
     pad_id: int = 0,
     temperature: float = 0.0,
     rng: jax.Array | None = None,
+    embed: Callable[[jax.Array], jax.Array] | None = None,
 ) -> np.ndarray:
     """Generates continuations of right-padded prompts.
 
@@ -68,6 +78,7 @@ def generate(
       eos_id: generation of a row stops after it emits this id; later slots hold `pad_id`.
       temperature: 0 for greedy (argmax), > 0 samples from softmax(logits / temperature).
       rng: a PRNG key, required when temperature > 0.
+      embed: int32[B, 1] new tokens -> float[B, 1, D] input rows; default the LM's own embedding table.
 
     Returns:
       int32[B, max_new_tokens] host array of generated ids (eos included, pad after it).
@@ -98,5 +109,7 @@ def generate(
         done |= tokens == eos_id
         if done.all() or t == max_new_tokens - 1:
             break
-        logits, cache = _decode_step(model, params, cache, jnp.asarray(out[:, t]), lengths + t)
+        tokens = jnp.asarray(out[:, t:t + 1])
+        rows = _embed(model, params, tokens) if embed is None else embed(tokens)
+        logits, cache = _decode_step(model, params, cache, rows, lengths + t)
     return out

@@ -76,7 +76,10 @@ class SiglipConfig:
 
 
 SIGLIP_SO400M = SiglipConfig()
-SIGLIP_TINY = SiglipConfig(width=128, depth=4, num_heads=4, mlp_dim=256, patch_size=8, image_size=64)  # 63 tokens
+# The CPU preset for the built-in Shapes-VQA data: 48 px images of a 3 x 3 grid of 16 px cells, one 16 px patch
+# per cell, so each of the 9 tokens sees exactly one object slot. All 9 are kept: dropping token 0 (TinyLLaVA's
+# quirk, which `drop_first` reproduces for the paper size) would blind the model to the top-left cell.
+SIGLIP_TINY = SiglipConfig(width=128, depth=4, num_heads=4, mlp_dim=256, patch_size=16, image_size=48, select="all")
 
 
 class SiglipAttention(nn.Module):

@@ -313,10 +313,31 @@ def server_apply(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=j
     return TinyLlavaServer(config, dtype).apply({"params": server_params}, uplink)
 
 
+def token_rows_fn(config: TinyLlavaConfig, params, dtype=jnp.float32):
+    """With quantized text embeddings: a jitted int[B, L] ids -> float[B, L, D] giving the rows the server's
+    LM receives for those tokens (client embedding -> text compressor -> server decode), for generation.
+
+    In a split deployment this is one small round trip per generated token: the server sends the token id,
+    the client answers with its quantized row. The quantizer's statistics are those of the L new rows."""
+    if not config.quantized_text:
+        raise ValueError("token_rows_fn is for text_transport='quantized_embeddings'")
+    client, server = TinyLlavaClient(config, dtype), TinyLlavaServer(config, dtype)
+
+    def rows(params, ids):
+        def quantize(m):
+            return m.text_compressor.client(m.token_embeddings(ids), jnp.ones(ids.shape, bool)).q
+        q = client.apply({"params": params["client"]}, method=quantize)
+        return server.apply({"params": params["server"]}, q, method=lambda m, q: m.text_compressor.decode(q))
+
+    jitted = jax.jit(rows)
+    return lambda ids: jitted(params, ids)
+
+
 def server_generate(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=jnp.float32, **kwargs):
     """Answers for a prompt uplink (its labels are ignored): the server dequantizes and splices the prompt
     rows, then decodes with the KV cache (`qtl_jax.models.generate.generate`; kwargs: max_new_tokens, eos_id,
-    pad_id, temperature, rng). Returns int32[B, max_new_tokens] on the host."""
+    pad_id, temperature, rng, embed — with quantized text embeddings pass `embed=token_rows_fn(...)` so that
+    new tokens reach the LM as they did in training). Returns int32[B, max_new_tokens] on the host."""
     from qtl_jax.models.generate import generate
 
     server = TinyLlavaServer(config, dtype)

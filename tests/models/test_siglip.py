@@ -1,5 +1,6 @@
 """SigLIP: parity with transformers' SiglipVisionModel (torch, fp32), sizes, conversion both ways, bad checkpoints."""
 
+import dataclasses
 import json
 import os
 
@@ -15,9 +16,13 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from qtl_jax.models import convert
 from qtl_jax.models.siglip import SIGLIP_SO400M, SIGLIP_TINY, SiglipConfig, SiglipVisionTower
 
-TINY_HF = dict(hidden_size=SIGLIP_TINY.width, intermediate_size=SIGLIP_TINY.mlp_dim,
-               num_hidden_layers=SIGLIP_TINY.depth, num_attention_heads=SIGLIP_TINY.num_heads,
-               image_size=SIGLIP_TINY.image_size, patch_size=SIGLIP_TINY.patch_size, num_channels=3)
+# A small tower with 64 patches and TinyLLaVA's selection (drop token 0), like the paper size: more patches
+# than the 9 of SIGLIP_TINY, so that patch order and the dropped token are checked.
+TOWER = SiglipConfig(width=128, depth=4, num_heads=4, mlp_dim=256, patch_size=8, image_size=64)
+
+TINY_HF = dict(hidden_size=TOWER.width, intermediate_size=TOWER.mlp_dim,
+               num_hidden_layers=TOWER.depth, num_attention_heads=TOWER.num_heads,
+               image_size=TOWER.image_size, patch_size=TOWER.patch_size, num_channels=3)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def _hf_hidden(model, images):
 def test_parity_every_layer_and_selected_features(hf_tower):
     model, path = hf_tower
     config, params = convert.load_siglip(path)
-    assert config == SIGLIP_TINY and config.layers_used == 3  # layer -2 of 4: three layers built
+    assert config == TOWER and config.layers_used == 3  # layer -2 of 4: three layers built
     images = _images()
     features, aux = SiglipVisionTower(config).apply({"params": params}, images, return_hidden_states=True)
     hf = _hf_hidden(model, images)
@@ -59,7 +64,7 @@ def test_parity_every_layer_and_selected_features(hf_tower):
 
 def test_select_all_keeps_every_patch(hf_tower):
     model, path = hf_tower
-    config, params = convert.load_siglip(path, SiglipConfig(**{**SIGLIP_TINY.__dict__, "select": "all"}))
+    config, params = convert.load_siglip(path, SiglipConfig(**{**TOWER.__dict__, "select": "all"}))
     features, _ = SiglipVisionTower(config).apply({"params": params}, _images(1))
     np.testing.assert_allclose(features, _hf_hidden(model, _images(1))[-2], atol=1e-5)
 
@@ -80,6 +85,19 @@ def test_paper_size_parameter_count_without_memory():
     shapes = jax.eval_shape(lambda: tower.init(jax.random.key(0), jnp.zeros((1, 384, 384, 3))))
     assert SIGLIP_SO400M.layers_used == 26 and SIGLIP_SO400M.num_tokens == 728
     assert sum(np.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(shapes))) == 397_745_440
+
+
+def test_tiny_preset_sees_one_token_per_grid_cell():
+    # Shapes-VQA draws a 3 x 3 grid: at 48 px / patch 16 token r * 3 + c is exactly cell (r, c).
+    assert SIGLIP_TINY.num_tokens == 9 and SIGLIP_TINY.image_size // SIGLIP_TINY.patch_size == 3
+    image = np.zeros((1, 48, 48, 3), np.float32)
+    image[0, 16:32, 32:48] = 1.0  # the middle-right cell only
+    tower = SiglipVisionTower(dataclasses.replace(SIGLIP_TINY, depth=1, select_layer=0))  # embeddings only
+    params = tower.init(jax.random.key(0), image)
+    pos = nn.meta.unbox(params)["params"]["embeddings"]["position_embedding"]["embedding"]
+    features, _ = tower.apply(params, image)
+    moved = np.abs(np.asarray(features[0]) - np.asarray(pos)).sum(axis=1) > 1e-6
+    assert moved.tolist() == [i == 5 for i in range(9)]
 
 
 def test_export_round_trip_and_transformers_load(hf_tower, tmp_path):
@@ -123,6 +141,6 @@ def test_bad_checkpoints_list_every_problem(hf_tower, tmp_path):
 
 
 def test_wrong_image_size_is_refused():
-    tower = SiglipVisionTower(SIGLIP_TINY)
+    tower = SiglipVisionTower(TOWER)
     with pytest.raises(ValueError, match=r"expects images of shape \[B, 64, 64, 3\]"):
         tower.init(jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
