@@ -180,3 +180,45 @@ def test_server_generation_matches_uncached_decoding():
             assert token == out[row, t]
             embedded = lm.apply({"params": lm_params}, jnp.array([token]), method=OpenELM.embed)
             seq = seq.at[0, length + t].set(embedded[0])
+
+
+def test_token_rows_are_the_rows_the_server_decodes():
+    cfg = micro("rd_fsq")
+    params = init(cfg)
+    ids = np.array([[3, 9, 4], [7, 7, 12]])
+    rows = T.token_rows_fn(cfg, params)(ids)
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    client = T.client_apply(cfg, params["client"], images, ids, np.ones_like(ids, bool), np.full_like(ids, -100))
+    server = T.TinyLlavaServer(cfg)
+    expected = server.apply({"params": params["server"]}, client.q_text,
+                            method=lambda m, q: m.text_compressor.decode(q))
+    np.testing.assert_allclose(rows, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="quantized_embeddings"):
+        T.token_rows_fn(micro(transport="token_ids"), params)
+
+
+def test_generation_with_quantized_text_feeds_new_tokens_like_training():
+    # Exact codec: greedy generation must equal the argmax of the single program run on prompt + answer.
+    cfg = micro("none_fp32")
+    params = init(cfg)
+    # An LM input table unlike the client's (as after training from scratch): generation must not use it.
+    params["server"]["language_model"]["token_embeddings"]["embedding"] *= -3.0
+    images, ids, mask, _ = batch()
+    up = T.client_apply(cfg, params["client"], images, ids, mask, np.full_like(ids, -100)).uplink
+    out = T.server_generate(cfg, params["server"], up, max_new_tokens=4, eos_id=-1,
+                            embed=T.token_rows_fn(cfg, params))
+    model = T.TinyLlava(cfg)
+
+    def logits(m, images, ids, mask):
+        client = m.client(images, ids, mask, np.full_like(ids, -100))
+        rows, valid, _ = m.server.embeds(client.q_image, client.q_text, client.uplink.image_pos,
+                                         client.uplink.lengths)
+        return m.server.language_model(inputs_embeds=rows, attention_mask=valid)[0]
+
+    for row in range(2):
+        length = int(mask[row].sum())
+        seq = np.concatenate([ids[row, :length], out[row]])[None]
+        full = model.apply({"params": params}, images[row:row + 1], seq, np.ones_like(seq, bool), method=logits)
+        shift = N - 1 if row == 0 else 0  # image rows before the answer
+        predicted = np.argmax(np.asarray(full[0, shift + length - 1:shift + length + 3]), axis=-1)
+        np.testing.assert_array_equal(predicted, out[row])
