@@ -15,13 +15,12 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     import jax
-    import numpy as np
+
+    from qtl_jax.split.runtime import SplitConfig
 
     # On a CPU-only machine, give the two meshes their virtual devices (before JAX starts its backend);
     # accelerators are unaffected by this setting.
-    split = _CONFIG.value.split
-    needed = int(np.prod(split.client_mesh)) + (int(np.prod(split.server_mesh)) if split.mode == "meshes" else 0)
-    jax.config.update("jax_num_cpu_devices", max(needed, 1))
+    jax.config.update("jax_num_cpu_devices", SplitConfig.from_config(_CONFIG.value.split).num_devices)
     from qtl_jax.trainer import train_and_evaluate
 
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -31,14 +31,13 @@ def linear_probe_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 def main(argv=None) -> None:
     import jax
 
-    jax.config.update("jax_num_cpu_devices", 8)  # restores checkpoints written on the trainer's meshes
-
     from configs.finetune import get_config
     from qtl_jax import trainer
     from qtl_jax.data import builders, shapes
     from qtl_jax.data.preprocess import load_image, preprocess_image
     from qtl_jax.data.tokenizer import load_tokenizer
     from qtl_jax.models import tinyllava as T
+    from qtl_jax.split.runtime import SplitConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
@@ -48,6 +47,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     config = get_config()
     config.compressor.image, config.compressor.text, config.compressor.bits = args.image, args.text, args.bits
+    # The checkpoint is restored onto as many devices as the default run's meshes had (as train.py sets them).
+    jax.config.update("jax_num_cpu_devices", SplitConfig.from_config(config.split).num_devices)
     _, evals, tokenizer_dir = trainer.prepare_data(config)
     model_cfg = trainer.model_config(config, len(load_tokenizer(tokenizer_dir)))
     if model_cfg.vision.num_tokens != 9:
@@ -64,8 +65,7 @@ def main(argv=None) -> None:
     data_config = builders.SHAPES_CONFIGS[config.data.shapes_config]
     feats, colours, kinds = {"rows": [], "code": [], "quantized": []}, [], []
     for split, source in evals.items():
-        scenes = {s.uid: s.objects for s in shapes.generate_samples(split, builders.SPLIT_SEEDS[split],
-                                                                     data_config.num_eval, 0)}
+        scenes = {s.uid: s.objects for s in builders.split_samples(data_config, split)}
         for start in range(0, len(source), 100):
             records = [source[i] for i in range(start, min(start + 100, len(source)))]
             images = np.stack([preprocess_image(load_image(bytes(r["image"])), size) for r in records])

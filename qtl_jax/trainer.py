@@ -45,9 +45,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.compressor.{field}: unknown compressor {name!r}; expected one of {COMPRESSORS}")
     if not 1 <= config.compressor.bits <= 8:
         raise ValueError(f"config.compressor.bits must be in 1..8, got {config.compressor.bits}")
-    split = SplitConfig(mode=config.split.mode, client_mesh=tuple(config.split.client_mesh),
-                        server_mesh=tuple(config.split.server_mesh), downlink=config.split.downlink)
-    split.check_devices()
+    SplitConfig.from_config(config.split).check_devices()
     unknown = set(config.optim.trainable) - set(TRAINABLE_PARTS)
     if unknown:
         raise ValueError(f"config.optim.trainable: unknown parts {sorted(unknown)}; expected {TRAINABLE_PARTS}")
@@ -277,8 +275,7 @@ def train_stage(config, workdir: str) -> dict:
         num_steps = min(num_steps, config.optim.max_steps)
         micro_steps = num_steps * config.optim.accum_steps
     tx_client, tx_server = build_optimizers(config, params, num_steps)
-    split = SplitConfig(mode=config.split.mode, client_mesh=tuple(config.split.client_mesh),
-                        server_mesh=tuple(config.split.server_mesh), downlink=config.split.downlink)
+    split = SplitConfig.from_config(config.split)
     trainer = SplitTrainer(model_cfg, split, tx_client, tx_server, params, dtype=dtype, boxed_like=boxed)
 
     iterator = iter(pipeline.make_loader(train_source, tokenizer_dir, pipe))

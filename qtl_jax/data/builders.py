@@ -67,13 +67,17 @@ SHAPES_CONFIGS = {
 SPLIT_SEEDS = {"pretrain": 0, "train": 1, "validation": 2, "test": 3}
 
 
+def split_samples(config: ShapesVqaConfig, split: str) -> list[shapes.Sample]:
+    """The scenes and questions of one split of a Shapes-VQA variant (what its records were rendered from)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"Shapes-VQA split must be one of {tuple(SPLIT_SEEDS)}, got {split!r}")
+    num_qa = {"pretrain": 0, "train": config.num_qa}.get(split, config.num_eval)
+    num_captions = config.num_captions if split == "pretrain" else 0
+    return shapes.generate_samples(split, SPLIT_SEEDS[split], num_qa, num_captions)
+
+
 def _split_samples(config: ShapesVqaConfig) -> dict[str, list[shapes.Sample]]:
-    return {
-        "pretrain": shapes.generate_samples("pretrain", SPLIT_SEEDS["pretrain"], 0, config.num_captions),
-        "train": shapes.generate_samples("train", SPLIT_SEEDS["train"], config.num_qa, 0),
-        "validation": shapes.generate_samples("validation", SPLIT_SEEDS["validation"], config.num_eval, 0),
-        "test": shapes.generate_samples("test", SPLIT_SEEDS["test"], config.num_eval, 0),
-    }
+    return {split: split_samples(config, split) for split in SPLIT_SEEDS}
 
 
 class ShapesVqa(tfds.core.GeneratorBasedBuilder):

@@ -62,10 +62,21 @@ class SplitConfig:
             if len(shape) != 3 or min(shape) < 1:
                 raise ValueError(f"{name} must be three positive sizes (data, fsdp, tensor), got {shape}")
 
+    @classmethod
+    def from_config(cls, split) -> SplitConfig:
+        """From a config's `split` section (ml_collections: mesh sizes may come as lists)."""
+        return cls(mode=split.mode, client_mesh=tuple(split.client_mesh), server_mesh=tuple(split.server_mesh),
+                   downlink=split.downlink)
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the run needs: the client mesh's, plus the server mesh's in meshes mode."""
+        return int(np.prod(self.client_mesh)) + (int(np.prod(self.server_mesh)) if self.mode == "meshes" else 0)
+
     def check_devices(self, available: int | None = None) -> None:
         """Raises ValueError when the two meshes need more devices than there are (before any compile)."""
         available = len(jax.devices()) if available is None else available
-        need = int(np.prod(self.client_mesh)) + (int(np.prod(self.server_mesh)) if self.mode == "meshes" else 0)
+        need = self.num_devices
         if need > available:
             raise ValueError(f"client mesh {self.client_mesh} + server mesh {self.server_mesh} need {need} "
                              f"devices, only {available} available")

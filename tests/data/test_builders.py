@@ -24,10 +24,17 @@ def test_shapes_builder_records_metadata_and_tokenizer(small_shapes):
     image = np.asarray(Image.open(io.BytesIO(bytes(record["image"]))))
     assert image.shape == (32, 32, 3)
     # The record is the generator's sample, rendered with the split's seed: regenerate and compare.
-    samples = {s.uid: s for s in shapes.generate_samples("train", 1, SMALL.num_qa, 0)}
+    samples = {s.uid: s for s in builders.split_samples(SMALL, "train")}
     uid = record["id"].decode()
     index = int(uid.rsplit("-", 1)[1])
     np.testing.assert_array_equal(image, shapes.render(samples[uid].objects, 32, np.random.default_rng([1, index])))
+    for split, source in sources.items():  # every split's records are its split_samples, one to one
+        expected = {x.uid: x.to_json() for x in builders.split_samples(SMALL, split)}
+        got = {r["id"].decode(): json.dumps({"id": r["id"].decode(), "conversations": json.loads(r["conversations"])})
+               for r in (source[i] for i in range(len(source)))}
+        assert got == expected
+    with pytest.raises(ValueError, match="split must be one of"):
+        builders.split_samples(SMALL, "val")
     baselines = builder.info.metadata["baselines"]
     assert set(baselines) == set(shapes.QUESTION_TYPES)
     assert baselines["exists"]["chance"] == 0.5
