@@ -83,6 +83,12 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.1 if stage == "pretrain" else 0.0  # not applied to biases and norms
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.warmup_ratio = 0.02 if stage == "pretrain" else 0.03
+    # The client's lr stays 0 for this fraction of the stage's steps, then warms up to lr x client_lr_scale
+    # (the paper: 0 and 1). tiny, whose client starts from random weights: the server first learns to read the
+    # client's initial codes, then the client moves slowly. Trained together at one lr from the first step, the
+    # 2-bit codes collapse (every object gets the same code; colour and shape never reach the server).
+    c.optim.client_delay_ratio = 0.2 if tiny else 0.0
+    c.optim.client_lr_scale = 0.1 if tiny else 1.0
     c.optim.grad_clip = 1.0
     # tiny: ~940 caption steps (3 x 5k captions) teach the tower colour, shape and place; 2 x 20k QA follow.
     c.optim.epochs = (3 if stage == "pretrain" else 2) if tiny else 1

@@ -46,6 +46,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if not 1 <= config.compressor.bits <= 8:
         raise ValueError(f"config.compressor.bits must be in 1..8, got {config.compressor.bits}")
     SplitConfig.from_config(config.split).check_devices()
+    if config.optim.client_lr_scale < 0:
+        raise ValueError(f"config.optim.client_lr_scale must be >= 0, got {config.optim.client_lr_scale}")
+    if not 0.0 <= config.optim.client_delay_ratio < 1.0:
+        raise ValueError(f"config.optim.client_delay_ratio must be in [0, 1), got {config.optim.client_delay_ratio}")
     unknown = set(config.optim.trainable) - set(TRAINABLE_PARTS)
     if unknown:
         raise ValueError(f"config.optim.trainable: unknown parts {sorted(unknown)}; expected {TRAINABLE_PARTS}")
@@ -125,14 +129,32 @@ def _part(path: tuple) -> str:
     return "compressors" if top in ("image_compressor", "text_compressor") else top
 
 
+def lr_schedule(lr: float, warmup_ratio: float, num_steps: int, delay: int = 0) -> optax.Schedule:
+    """0 for `delay` steps, then linear warmup (`warmup_ratio` of the steps left) and cosine decay to 0 at
+    `num_steps`."""
+    steps = max(num_steps - delay, 1)
+    warmup = max(1, round(warmup_ratio * steps))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), 0.0)
+    return optax.join_schedules([optax.constant_schedule(0.0), schedule], [delay]) if delay else schedule
+
+
 def build_optimizers(config, params, num_steps: int):
     """One optax chain per half: clip, AdamW with warmup + cosine, no decay on biases/norms/1-D params,
-    frozen parts zeroed, gradient accumulation (MultiSteps) when accum_steps > 1."""
-    o = config.optim
-    warmup = max(1, round(o.warmup_ratio * num_steps))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(num_steps, warmup + 1), 0.0)
+    frozen parts zeroed, gradient accumulation (MultiSteps) when accum_steps > 1.
 
-    def make(half_params):
+    The client's learning rate is `lr * client_lr_scale` and stays 0 for the first `client_delay_ratio` of the
+    steps (Adam's moments still accumulate), then warms up and decays over the steps left. With a quantized
+    uplink and a client trained from random weights, both halves at one lr from the first step collapse the
+    codes: the server's early gradients push every image row the same way, Adam turns that into fast growth of
+    per-channel offsets, RD-FSQ's shared 3-sigma range widens, and all objects fall into the same bins (the
+    README's "Measured" has the numbers). A delay lets the server learn to read the initial codes first.
+    """
+    o = config.optim
+    schedules = {"client": lr_schedule(o.lr * o.client_lr_scale, o.warmup_ratio, num_steps,
+                                     round(o.client_delay_ratio * num_steps)),
+                 "server": lr_schedule(o.lr, o.warmup_ratio, num_steps)}
+
+    def make(half_params, schedule):
         names = jax.tree_util.tree_map_with_path(lambda p, _: tuple(k.key for k in p), half_params)
         decay = jax.tree.map(lambda n, x: x.ndim > 1 and n[-1] not in ("bias", "scale", "weight"),
                              names, half_params, is_leaf=lambda n: isinstance(n, tuple))
@@ -143,7 +165,7 @@ def build_optimizers(config, params, num_steps: int):
         tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, train)
         return optax.MultiSteps(tx, o.accum_steps) if o.accum_steps > 1 else tx
 
-    return make(params["client"]), make(params["server"])
+    return make(params["client"], schedules["client"]), make(params["server"], schedules["server"])
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

@@ -92,6 +92,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path_factory, tmp_path):
     ({"data.dataset": "llava", "data.annotation_file": "/nonexistent.json"}, FileNotFoundError,
      "config.data.annotation_file"),
     ({"init_from": "/nonexistent/run"}, FileNotFoundError, "config.init_from"),
+    ({"optim.client_delay_ratio": 1.0}, ValueError, r"config.optim.client_delay_ratio must be in \[0, 1\), got 1.0"),
+    ({"optim.client_lr_scale": -0.1}, ValueError, "config.optim.client_lr_scale must be >= 0, got -0.1"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path_factory, tmp_path, overrides, error, message):
     with pytest.raises(error, match=message):
@@ -102,3 +104,45 @@ def test_bad_config_fails_before_any_work(tmp_path_factory, tmp_path, overrides,
 def test_answer_normalisation():
     assert trainer.normalize_answer(" The Red. ") == "red"
     assert trainer.normalize_answer("a circle!") == "circle"
+
+
+def test_lr_schedule_waits_then_warms_up_and_decays():
+    sched = trainer.lr_schedule(1e-3, 0.1, num_steps=110, delay=10)
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 9, 10, 15, 20, 110)],
+                               [0.0, 0.0, 0.0, 5e-4, 1e-3, 0.0], atol=1e-9)
+    plain = trainer.lr_schedule(1e-3, 0.1, num_steps=100)
+    np.testing.assert_allclose([float(plain(s)) for s in (0, 5, 10, 55)], [0.0, 5e-4, 1e-3, 5e-4], atol=1e-9)
+
+
+def test_client_waits_for_the_delay_while_the_server_trains():
+    config = finetune_config()
+    config.optim.client_delay_ratio, config.optim.warmup_ratio = 0.5, 0.0
+    params = {"client": {"connector": {"kernel": np.ones((2, 2), np.float32)}},
+              "server": {"language_model": {"kernel": np.ones((2, 2), np.float32)}}}
+    client_tx, server_tx = trainer.build_optimizers(config, params, num_steps=4)
+    grads = jax.tree.map(np.ones_like, params)
+    state = {"client": client_tx.init(params["client"]), "server": server_tx.init(params["server"])}
+    moved = []
+    for _ in range(4):
+        for half, tx in (("client", client_tx), ("server", server_tx)):
+            update, state[half] = tx.update(grads[half], state[half], params[half])
+            params[half] = jax.tree.map(lambda p, u: p + u, params[half], update)
+        moved.append([not np.allclose(jax.tree.leaves(params[h])[0], 1.0) for h in ("client", "server")])
+    # Warmup starts from lr 0 (one step here): the server moves from update 2, the client 2 updates later.
+    assert moved == [[False, False], [False, True], [False, True], [True, True]]
+
+
+def test_client_steps_are_client_lr_scale_times_the_servers():
+    config = finetune_config()
+    config.optim.client_delay_ratio, config.optim.client_lr_scale, config.optim.warmup_ratio = 0.0, 0.25, 0.0
+    params = {"client": {"connector": {"bias": np.zeros(3, np.float32)}},
+              "server": {"language_model": {"bias": np.zeros(3, np.float32)}}}
+    txs = dict(zip(("client", "server"), trainer.build_optimizers(config, params, num_steps=10), strict=True))
+    steps = {}
+    for half, tx in txs.items():
+        state = tx.init(params[half])
+        for _ in range(2):  # the first update has lr 0 (warmup from 0)
+            update, state = tx.update({k: {"bias": np.ones(3, np.float32)} for k in params[half]}, state, params[half])
+        steps[half] = np.asarray(jax.tree.leaves(update)[0])
+    np.testing.assert_allclose(steps["client"], 0.25 * steps["server"], rtol=1e-6)
+    assert np.all(steps["server"] < 0)

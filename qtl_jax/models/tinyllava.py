@@ -90,7 +90,8 @@ class Uplink:
         (codec "token_ids").
       image_pos: int32[B] position of the image placeholder in the prompt, -1 for text-only samples.
       lengths: int32[B] number of real prompt tokens (placeholder included), right padding after.
-      labels: int32[B, T] target ids, -100 where not supervised (the server computes the loss).
+      labels: uint16[B, T] target ids with 0xFFFF where not supervised (int32 with -100 when the vocabulary
+        needs it): `labels_to_wire` / `labels_from_wire`; the server computes the loss.
     """
 
     image: Payload
@@ -182,9 +183,30 @@ class ClientResult:
     commitment_loss: jax.Array
 
 
+def _id_dtype(vocab_size: int, reserved: int = 0):
+    """The narrowest integer type for token ids below vocab_size (+ `reserved` spare values) on the wire."""
+    return jnp.uint16 if vocab_size + reserved <= 2**16 else jnp.int32
+
+
+def labels_to_wire(labels: jax.Array, vocab_size: int) -> jax.Array:
+    """int[B, T] labels (-100 = not supervised) -> uint16 with -100 as 0xFFFF when the vocabulary allows
+    (half the bytes of int32), else int32 unchanged. `labels_from_wire` inverts it."""
+    dtype = _id_dtype(vocab_size, reserved=1)
+    if dtype == jnp.int32:
+        return jnp.asarray(labels, jnp.int32)
+    return jnp.where(labels == IGNORE_INDEX, 0xFFFF, labels).astype(dtype)
+
+
+def labels_from_wire(labels: jax.Array) -> jax.Array:
+    """Received labels (uint16 or int32) -> int32 with -100 where not supervised."""
+    if jnp.issubdtype(labels.dtype, jnp.unsignedinteger):
+        return jnp.where(labels == jnp.iinfo(labels.dtype).max, IGNORE_INDEX, labels.astype(jnp.int32))
+    return labels.astype(jnp.int32)
+
+
 def _token_ids_payload(input_ids: jax.Array, vocab_size: int) -> Payload:
     # The placeholder travels as image_pos; on the wire its slot holds 0 (the pad id).
-    dtype = jnp.uint16 if vocab_size <= 2**16 else jnp.int32
+    dtype = _id_dtype(vocab_size)
     codes = jnp.where(input_ids == IMAGE_TOKEN_INDEX, 0, input_ids).astype(dtype)
     return Payload(codes=codes, side={}, codec="token_ids", bits=8 * jnp.dtype(dtype).itemsize,
                    shape=tuple(input_ids.shape))
@@ -232,7 +254,7 @@ class TinyLlavaClient(nn.Module):
         else:
             text_payload, q_text = _token_ids_payload(input_ids, cfg.lm.vocab_size), None
         uplink = Uplink(image=image_out.payload, text=text_payload, image_pos=image_pos, lengths=lengths,
-                        labels=jnp.asarray(labels, jnp.int32))
+                        labels=labels_to_wire(labels, cfg.lm.vocab_size))
         return ClientResult(uplink=uplink, q_image=image_out.q, q_text=q_text,
                             commitment_loss=cfg.commitment_weight * loss)
 
@@ -253,13 +275,15 @@ class TinyLlavaServer(nn.Module):
     def embeds(self, q_image, text, image_pos, lengths, labels=None):
         """Decodes the dequantized rows (or embeds token ids) and splices: see `splice`.
 
-        `text` is float32[B, T, C] dequantized text rows (quantized_embeddings) or int[B, T] ids (token_ids).
+        `text` is float32[B, T, C] dequantized text rows (quantized_embeddings) or int[B, T] ids (token_ids);
+        `labels` as they arrive (`labels_from_wire`) or int32 with -100.
         """
         image_rows = self.image_compressor.decode(q_image)
         if self.config.quantized_text:
             text_rows = self.text_compressor.decode(text)
         else:
             text_rows = self.language_model.embed(jnp.maximum(text.astype(jnp.int32), 0))
+        labels = None if labels is None else labels_from_wire(labels)
         return splice(text_rows.astype(image_rows.dtype), image_rows, image_pos, lengths, labels)
 
     def loss(self, q_image, text, image_pos, lengths, labels):

@@ -150,12 +150,23 @@ def test_uplink_bytes():
     up = jax.jit(lambda p: T.client_apply(cfg, p, images, ids, mask, labels).uplink)(params["client"])
     d = cfg.lm.model_dim
     assert up.image.nbytes == 2 * N * d * 2 // 8 and up.text.nbytes == 2 * 10 * d * 2 // 8
-    assert up.nbytes == up.image.nbytes + up.text.nbytes + 4 * 2 + 4 * 2 + 4 * 2 * 10
+    assert up.nbytes == up.image.nbytes + up.text.nbytes + 4 * 2 + 4 * 2 + 2 * 2 * 10  # uint16 labels
     np.testing.assert_array_equal(up.image_pos, [2, -1])
     np.testing.assert_array_equal(up.lengths, [7, 9])
     tok_cfg = micro(transport="token_ids")
     tok = jax.jit(lambda p: T.client_apply(tok_cfg, p, images, ids, mask, labels).uplink)(init(tok_cfg)["client"])
     assert tok.text.nbytes == 2 * 10 * 2 and tok.text.codes.dtype == jnp.uint16  # 2 bytes a token
+
+
+def test_labels_travel_as_uint16_and_come_back_exactly():
+    labels = jnp.array([[-100, 0, 5, 65534, -100]])
+    wire = T.labels_to_wire(labels, vocab_size=65535)
+    assert wire.dtype == jnp.uint16
+    np.testing.assert_array_equal(wire, [[0xFFFF, 0, 5, 65534, 0xFFFF]])
+    np.testing.assert_array_equal(T.labels_from_wire(wire), labels)
+    big = T.labels_to_wire(labels, vocab_size=65536)  # no spare uint16 value for -100
+    assert big.dtype == jnp.int32
+    np.testing.assert_array_equal(T.labels_from_wire(big), labels)
 
 
 def test_server_generation_matches_uncached_decoding():
