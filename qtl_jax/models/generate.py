@@ -37,14 +37,16 @@ def _prefill(model: OpenELM, params, embeds, lengths, max_len: int):
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _embed(model: OpenELM, params, tokens):
-    return model.apply({"params": params}, tokens, method=OpenELM.embed)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
 def _decode_step(model: OpenELM, params, cache, embeds, positions):
     logits, cache = model.apply({"params": params}, inputs_embeds=embeds, positions=positions[:, None], cache=cache)
     return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _decode_tokens(model: OpenELM, params, cache, tokens, positions):
+    """`_decode_step` on tokens embedded by the LM's own table, in one dispatch."""
+    embeds = model.apply({"params": params}, tokens, method=OpenELM.embed)
+    return _decode_step(model, params, cache, embeds, positions)
 
 
 def _choose(logits: jax.Array, temperature: float, rng: jax.Array | None) -> jax.Array:
@@ -110,6 +112,8 @@ def generate(
         if done.all() or t == max_new_tokens - 1:
             break
         tokens = jnp.asarray(out[:, t:t + 1])
-        rows = _embed(model, params, tokens) if embed is None else embed(tokens)
-        logits, cache = _decode_step(model, params, cache, rows, lengths + t)
+        if embed is None:
+            logits, cache = _decode_tokens(model, params, cache, tokens, lengths + t)
+        else:
+            logits, cache = _decode_step(model, params, cache, embed(tokens), lengths + t)
     return out

@@ -194,7 +194,7 @@ def labels_to_wire(labels: jax.Array, vocab_size: int) -> jax.Array:
     dtype = _id_dtype(vocab_size, reserved=1)
     if dtype == jnp.int32:
         return jnp.asarray(labels, jnp.int32)
-    return jnp.where(labels == IGNORE_INDEX, 0xFFFF, labels).astype(dtype)
+    return jnp.where(labels == IGNORE_INDEX, jnp.iinfo(dtype).max, labels).astype(dtype)
 
 
 def labels_from_wire(labels: jax.Array) -> jax.Array:
