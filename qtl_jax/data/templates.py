@@ -1,18 +1,23 @@
 """TinyLLaVA prompt templates and their tokenization with the image placeholder (SPEC §5).
 
 * `pretrain` (stage 1): `"<image>" + caption + "\\n"`; the human text is dropped, no `</s>`; the bos and the
-  image are not supervised, the caption and its newline are.
+  image are not supervised, everything after them is. A sample has exactly one caption (a multi-turn sample
+  is refused: TinyLLaVA would silently keep its first answer only).
 * `llama` (stage 2): `SYSTEM + " " + "USER: <image>\\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>"`;
-  the image moves to the front of the first question; only the answers and their `</s>` are supervised.
-  At inference the prompt ends with `"ASSISTANT:"`.
+  the image moves to the front of the first question (`"<image>\\n{q}"`, stripped: a question that is only
+  `<image>` gives `"USER: <image> ASSISTANT:"`). Supervised: everything after each `ASSISTANT:` up to and
+  including its `</s>`, the space too: with Llama-2 an answer that does not start with a word piece that
+  absorbs the space (a digit, CJK text, a newline) begins with a bare "▁" token, which TinyLLaVA trains and
+  which is the first token generated after the inference prompt (that ends with `"ASSISTANT:"`).
 
-Tokenization splits the prompt at `<image>`, tokenizes each chunk (each gets a bos), keeps the first chunk's
-bos only and puts IMAGE_TOKEN_INDEX (-200) between chunks: the literal "<image>" is never tokenized.
+Tokenization splits the prompt at `<image>`, tokenizes each chunk as its own text (so each chunk starts as a
+text does, e.g. with SentencePiece's dummy-prefix "▁"), puts one bos first and IMAGE_TOKEN_INDEX (-200)
+between chunks: the literal "<image>" is never tokenized.
 
 Labels. TinyLLaVA derives the masked spans from token counts of re-tokenized pieces with per-tokenizer -1
 corrections (its `legacy` rules), which silently masks a whole sample when the count is off. We mark instead
-every token whose characters overlap an answer span (answer text plus its `</s>`): the same result for the
-Llama-2 tokenizer, and exact for any fast tokenizer, whatever its whitespace conventions.
+every token whose characters overlap a supervised span (a zero-length piece counts where it stands): the same
+labels for the Llama-2 tokenizer, and exact for any tokenizer, whatever its whitespace conventions.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from qtl_jax.data.tokenizer import split_words
+from qtl_jax.data.tokenizer import Tokenizer, split_words
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
@@ -92,6 +97,9 @@ def format_prompt(conversations, template: str, sample_id: str = "?", inference:
     elif pairs[-1][1] is None:
         raise BadSample(f"sample {sample_id}: the conversation ends without an answer")
     if template == "pretrain":
+        if len(pairs) > 1:
+            raise BadSample(f"sample {sample_id}: the pretrain template takes one caption, the conversation has "
+                            f"{len(pairs)} question/answer rounds")
         if inference:
             return IMAGE_TOKEN, []
         answer = pairs[0][1] + "\n"
@@ -99,41 +107,39 @@ def format_prompt(conversations, template: str, sample_id: str = "?", inference:
     prompt, spans = SYSTEM + " ", []
     for i, (question, answer) in enumerate(pairs):
         if i == 0 and IMAGE_TOKEN in question:  # the image goes to the front of the first question
-            question = IMAGE_TOKEN + "\n" + question.replace(IMAGE_TOKEN, "").strip()
+            question = (IMAGE_TOKEN + "\n" + question.replace(IMAGE_TOKEN, "").strip()).strip()
         elif IMAGE_TOKEN in question:
             raise BadSample(f"sample {sample_id}: {IMAGE_TOKEN} appears after the first question")
-        prompt += f"USER: {question} "
+        prompt += f"USER: {question} ASSISTANT:"
         if answer is None:
-            prompt += "ASSISTANT:"
             break
-        prompt += "ASSISTANT: "
-        start = len(prompt)
-        prompt += answer + "</s>"
+        start = len(prompt)  # the space after "ASSISTANT:" is supervised too (see the module docstring)
+        prompt += " " + answer + "</s>"
         spans.append((start, len(prompt)))
     return prompt, spans
 
 
-def tokenize_with_image(prompt: str, tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids with IMAGE_TOKEN_INDEX between `<image>`-split chunks, and each token's character span in
-    `prompt` ((-1, -1) for bos and the image)."""
-    ids, spans, offset = [], [], 0
+def tokenize_with_image(prompt: str, tokenizer: Tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids (bos, then each `<image>`-split chunk with IMAGE_TOKEN_INDEX between chunks) and each token's
+    character span in `prompt` ((-1, -1) for bos and the image)."""
+    ids, spans, offset = [tokenizer.bos_id], [(-1, -1)], 0
     for k, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
         if k > 0:
             ids.append(IMAGE_TOKEN_INDEX)
             spans.append((-1, -1))
-        enc = tokenizer(chunk, return_offsets_mapping=True)
-        chunk_ids, chunk_offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-        if chunk_ids and chunk_ids[0] == tokenizer.bos_token_id:
-            if k > 0:  # later chunks lose their bos
-                chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
-            else:
-                spans.append((-1, -1))
-                ids.append(chunk_ids[0])
-                chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
+        chunk_ids, chunk_offsets = tokenizer.tokenize(chunk)
         ids += chunk_ids
         spans += [(offset + a, offset + b) for a, b in chunk_offsets]
         offset += len(chunk) + len(IMAGE_TOKEN)
     return ids, spans
+
+
+def _supervised(token: tuple[int, int], answer_spans: list[tuple[int, int]]) -> bool:
+    """Whether a token's characters [a, b) overlap an answer span; a zero-length piece counts where it stands."""
+    a, b = token
+    if a < 0:
+        return False
+    return any((a < e and s < b) if a < b else s <= a < e for s, e in answer_spans)
 
 
 def encode(conversations, tokenizer, template: str, max_length: int, sample_id: str = "?",
@@ -142,7 +148,7 @@ def encode(conversations, tokenizer, template: str, max_length: int, sample_id: 
 
     Args:
       conversations: LLaVA turns.
-      tokenizer: a fast tokenizer (`load_tokenizer`).
+      tokenizer: a `Tokenizer` (`qtl_jax.data.tokenizer.load_tokenizer`).
       template: "pretrain" or "llama".
       max_length: the model's sequence limit, counting each image as `image_tokens` rows.
       sample_id: for error messages.
@@ -154,7 +160,7 @@ def encode(conversations, tokenizer, template: str, max_length: int, sample_id: 
     """
     prompt, answer_spans = format_prompt(conversations, template, sample_id)
     ids, spans = tokenize_with_image(prompt, tokenizer)
-    supervised = [any(a < e and s < b for s, e in answer_spans) for a, b in spans]
+    supervised = [_supervised(span, answer_spans) for span in spans]
     labels = [i if keep else IGNORE_INDEX for i, keep in zip(ids, supervised, strict=True)]
     has_image = IMAGE_TOKEN_INDEX in ids
     budget = max_length - (image_tokens - 1 if has_image else 0)

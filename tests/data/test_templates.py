@@ -1,9 +1,10 @@
-"""Templates and tokenization against hand-written ids, with a small Llama-style SentencePiece tokenizer.
+"""Templates and tokenization: hand-written ids with a tiny fast tokenizer, and TinyLLaVA's exact ids and labels
+with a Llama-2-style SentencePiece model trained in the test.
 
-The tokenizer is built here (Unigram pieces with Metaspace "▁" word starts, byte fallback for "\\n", bos 1,
-eos 2, unk = pad = 0), so every expected id below can be checked by hand against PIECES. It reproduces the
-Llama-2 boundary cases that matter: a trailing space becomes a lone "▁" (4), a chunk after the image
-starts with "▁" + <0x0A>, and "USER" right after "</s>" gets no "▁" (17, not 7).
+The fast tokenizer is built here (Unigram pieces with Metaspace "▁" word starts, byte fallback for "\\n", bos 1,
+eos 2, unk = pad = 0), so every expected id below can be checked by hand against PIECES: a trailing space
+becomes a lone "▁" (4), a chunk after the image starts with "▁" + <0x0A>, and "USER" right after "</s>" gets
+no "▁" (17, not 7).
 """
 
 import numpy as np
@@ -13,7 +14,8 @@ from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 from qtl_jax.data import templates
-from qtl_jax.data.templates import BadSample, encode, format_prompt, inference_prompt
+from qtl_jax.data.templates import IMAGE_TOKEN, BadSample, encode, format_prompt, inference_prompt
+from qtl_jax.data.tokenizer import HuggingFaceTokenizer, load_tokenizer
 
 PIECES = ["<unk>", "<s>", "</s>", "<0x0A>", "▁", "▁Hi", ".", "▁USER", ":", "▁ASSISTANT", "what", "▁is", "▁it",
           "?", "▁yes", "▁no", "▁red", "USER", "▁a", "▁cat"]
@@ -28,8 +30,8 @@ def tok():
     t.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     t.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     t.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<unk>")
+    return HuggingFaceTokenizer(PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", eos_token="</s>",
+                                                        unk_token="<unk>", pad_token="<unk>"))
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +46,9 @@ PROMPT_IDS = [1, 5, 6, 7, 8, 4, -200, 4, 3, 10, 11, 12, 13, 9, 8]  # "Hi. USER: 
 def test_llama_prompt_string():
     prompt, spans = format_prompt(ONE_TURN, "llama")
     assert prompt == "Hi. USER: <image>\nwhat is it? ASSISTANT: yes</s>"
-    assert [prompt[a:b] for a, b in spans] == ["yes</s>"]
+    assert [prompt[a:b] for a, b in spans] == [" yes</s>"]  # everything after "ASSISTANT:"
+    only_image = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "a cat"}]
+    assert format_prompt(only_image, "llama")[0] == "Hi. USER: <image> ASSISTANT: a cat</s>"  # TinyLLaVA strips
     assert REAL_SYSTEM == ("A chat between a curious user and an artificial intelligence assistant. The "
                            "assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -106,3 +110,77 @@ def test_bad_conversations_name_the_sample(tok, conv, message):
 def test_labels_are_int32_arrays(tok):
     enc = encode(ONE_TURN, tok, "llama", 64)
     assert enc.input_ids.dtype == np.int32 and enc.labels.dtype == np.int32
+
+
+def test_pretrain_template_refuses_more_than_one_caption(tok):
+    conv = [*ONE_TURN, {"from": "human", "value": "and?"}, {"from": "gpt", "value": "no"}]
+    with pytest.raises(BadSample, match="sample c9: the pretrain template takes one caption, .* 2 question"):
+        encode(conv, tok, "pretrain", 64, sample_id="c9")
+
+
+# ------------------------------------------------------------------------ a Llama-2-style SentencePiece model
+def _tinyllava_ids_and_labels(prompt: str, sp) -> tuple[list[int], list[int]]:
+    """TinyLLaVA's llama template as its code computes it, written out independently: ids from SentencePiece
+    (chunks at <image>, one bos, </s> as the eos id, legacy tokenization), labels from its length arithmetic:
+    per round (split at "</s>"), mask len(tokens of "...ASSISTANT: ") - 2 tokens (the bos, and the lone "▁" of
+    the separator's trailing space), keep the rest of the round and its </s>."""
+    def n_tokens(text):  # len(tokenizer_image_token(text)): bos + the chunks + one id per image
+        chunks = text.split(IMAGE_TOKEN)
+        return 1 + sum(len(sp.encode(c)) for c in chunks) + len(chunks) - 1
+
+    ids = [1]
+    for k, chunk in enumerate(prompt.split(IMAGE_TOKEN)):
+        if k:
+            ids.append(-200)
+        for j, segment in enumerate(chunk.split("</s>")):
+            ids += ([2] if j else []) + sp.encode(segment)
+    labels, cur = list(ids), 1
+    labels[0] = X
+    for rnd in prompt.split("</s>"):
+        head, sep, _ = rnd.partition(" ASSISTANT: ")
+        if not rnd or not sep:
+            break
+        instruction = n_tokens(head + sep) - 2
+        labels[cur:cur + instruction] = [X] * instruction
+        cur += n_tokens(rnd)  # + its </s> - the bos
+    labels[cur:] = [X] * (len(labels) - cur)
+    return ids, labels
+
+
+CONVERSATIONS = {
+    "digits": [{"from": "human", "value": "<image>\nHow many dogs?"}, {"from": "gpt", "value": "42"}],
+    "word": [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."}],
+    "cjk": [{"from": "human", "value": "<image>\n你好?"}, {"from": "gpt", "value": "你好 世界"}],
+    "newline": [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "\nnew line"}],
+    "only image": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "7 cats"}],
+    "multi-turn": [{"from": "human", "value": "<image>\nHow many?"}, {"from": "gpt", "value": "13"},
+                   {"from": "human", "value": "Is it red?"}, {"from": "gpt", "value": "yes"},
+                   {"from": "human", "value": "And blue?"}, {"from": "gpt", "value": "7"}],
+    "text only": [{"from": "human", "value": "Say 7."}, {"from": "gpt", "value": "7"}],
+}
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_ids_and_labels_equal_tinyllavas_with_a_llama_tokenizer(llama_dir, name):
+    import sentencepiece as spm
+
+    tok = load_tokenizer(str(llama_dir))
+    sp = spm.SentencePieceProcessor(model_file=str(llama_dir / "tokenizer.model"))
+    enc = encode(CONVERSATIONS[name], tok, "llama", 512)
+    ids, labels = _tinyllava_ids_and_labels(enc.prompt, sp)
+    assert enc.input_ids.tolist() == ids
+    assert enc.labels.tolist() == labels
+
+
+def test_an_answer_without_a_leading_word_piece_starts_with_a_supervised_bare_space(llama_dir):
+    import sentencepiece as spm
+
+    tok = load_tokenizer(str(llama_dir))
+    bare = spm.SentencePieceProcessor(model_file=str(llama_dir / "tokenizer.model")).piece_to_id("▁")
+    enc = encode(CONVERSATIONS["digits"], tok, "llama", 512)
+    supervised = [i for i in enc.labels.tolist() if i != X]
+    assert supervised[0] == bare and tok.decode(supervised) == "42"  # "▁", "4", "2", "</s>"
+    assert supervised[-1] == tok.eos_id and len(supervised) == 4
+    # The inference prompt ends right before that bare space: it is the first token to generate.
+    prompt = inference_prompt(CONVERSATIONS["digits"], tok).tolist()
+    assert enc.input_ids.tolist()[:len(prompt)] == prompt and enc.input_ids[len(prompt)] == bare
