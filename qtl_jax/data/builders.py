@@ -6,18 +6,23 @@ Both write records of the same shape, so one pipeline reads either:
   image         uint8[None] encoded image file bytes (PNG for Shapes-VQA, the original file for LLaVA data);
                 empty for text-only samples
   conversations Text, the LLaVA turns as JSON
-  question_type Text ("caption", "color", ... for Shapes-VQA; "" for LLaVA data)
+  question_type Text ("caption", "color", ... for Shapes-VQA; a LLaVA record's "question_type" or
+                "category" field when it has one, for per-type scores; else "")
 
 `prepare_shapes(data_dir, config)` generates Shapes-VQA once (cached in data_dir) and writes its word-level
-tokenizer beside it. `prepare_llava(data_dir, annotation_file, image_root)` converts user data.
+tokenizer beside it. `prepare_llava(data_dir, annotation_file, image_root)` converts user data once (streamed:
+bounded memory for any file size) and reuses the conversion while the file and image folder are unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import itertools
 import json
 import os
+import re
 from typing import ClassVar
 
 import numpy as np
@@ -25,6 +30,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from qtl_jax.data import shapes
+from qtl_jax.data.annotations import iter_annotations
 from qtl_jax.data.templates import TEMPLATE_WORDS, BadSample, format_prompt
 
 ON_BAD_SAMPLE = ("fail", "skip")
@@ -80,7 +86,18 @@ def _split_samples(config: ShapesVqaConfig) -> dict[str, list[shapes.Sample]]:
     return {split: split_samples(config, split) for split in SPLIT_SEEDS}
 
 
-class ShapesVqa(tfds.core.GeneratorBasedBuilder):
+class _QuietBuilder:
+    """tfds prints "Downloading and preparing dataset ..." for every build; ours download nothing (the
+    builders say themselves what they do)."""
+
+    def _log_download_bytes(self):
+        pass
+
+    def _log_download_done(self):
+        pass
+
+
+class ShapesVqa(_QuietBuilder, tfds.core.GeneratorBasedBuilder):
     """The built-in dataset: rendered shapes with captions (split `pretrain`) and QA (`train`, `validation`,
     `test`); see `qtl_jax.data.shapes`. Its metadata holds chance and majority baselines per question type."""
 
@@ -120,7 +137,7 @@ def shapes_vocabulary() -> list[str]:
     return sorted({word for text in texts for word in split_words(text)})
 
 
-def prepare_shapes(data_dir: str, config: str | ShapesVqaConfig = "tiny"):
+def prepare_shapes(data_dir: str, config: str | ShapesVqaConfig = "tiny", log=print):
     """Generates Shapes-VQA into `data_dir` unless it is there already, and its tokenizer.
 
     Returns:
@@ -129,7 +146,9 @@ def prepare_shapes(data_dir: str, config: str | ShapesVqaConfig = "tiny"):
     from qtl_jax.data.tokenizer import build_word_tokenizer
 
     builder = ShapesVqa(data_dir=data_dir, config=config, file_format="array_record")
-    builder.download_and_prepare()
+    if not builder.is_prepared():
+        log(f"Shapes-VQA {builder.builder_config.name!r}: generating into {builder.data_dir} (once)")
+        builder.download_and_prepare()
     tokenizer_dir = os.path.join(builder.data_dir, "tokenizer")
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
         build_word_tokenizer(shapes_vocabulary(), tokenizer_dir)
@@ -137,6 +156,9 @@ def prepare_shapes(data_dir: str, config: str | ShapesVqaConfig = "tiny"):
 
 
 # ----------------------------------------------------------------------------------------------- LLaVA
+SAMPLES_PER_SHARD = 1000  # tfds holds one shard's samples in memory while writing it: this bounds the memory
+
+
 @dataclasses.dataclass
 class LlavaConfig(tfds.core.BuilderConfig):
     """A LLaVA-format dataset: annotation file (JSON list or JSONL) and the folder its image paths are in."""
@@ -146,71 +168,67 @@ class LlavaConfig(tfds.core.BuilderConfig):
     on_bad_sample: str = "fail"
 
 
-def read_annotations(path: str) -> list[dict]:
-    """The samples of a LLaVA JSON (a list) or JSONL (one object per line) file; errors name file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"annotation file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise BadSample(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise BadSample(f"{path}:{number}: malformed JSON line ({e.msg})") from e
-    for number, record in enumerate(records, 1):
-        if not isinstance(record, dict) or "conversations" not in record:
-            raise BadSample(f"{path}: sample {number} ({str(record)[:60]}) has no 'conversations'")
-    return records
-
-
-class LlavaFormat(tfds.core.GeneratorBasedBuilder):
+class LlavaFormat(_QuietBuilder, tfds.core.ShardBasedBuilder):
     """Any LLaVA-format dataset (LLaVA-Pretrain 558k, LLaVA-v1.5 mix665k, your own) as one `train` split.
 
-    Bad samples (missing or unreadable image, conversation without an answer, unknown role) fail the build
-    with a message naming the file and sample id, or, with `on_bad_sample="skip"`, are left out and counted
-    in `info.metadata["skipped"]`.
+    The annotation file is streamed (`qtl_jax.data.annotations`) and written shard by shard in file order
+    (`SAMPLES_PER_SHARD` samples each), so memory does not grow with the dataset. Bad samples (missing or
+    unreadable image, conversation without an answer, unknown role, malformed JSONL line) fail the build with
+    a message naming the file and sample id, or, with `on_bad_sample="skip"`, are left out, counted in
+    `info.metadata["skipped"]` (the first 100 reasons in `skipped_reasons`) and reported when the build ends.
+    The pipeline shuffles at read time, so the file order on disk does not matter.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    MANUAL_DOWNLOAD_INSTRUCTIONS = "Pass annotation_file and image_root in the LlavaConfig (local files only)."
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES: ClassVar[dict[str, str]] = {"1.0.0": "First release.",
+                                               "1.1.0": "Streamed, in file order; question_type from the record."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=__doc__, features=_features(),
                                      metadata=tfds.core.MetadataDict())
 
-    def _split_generators(self, dl_manager):
+    def _shard_iterators_per_split(self, dl_manager):
         del dl_manager
         cfg = self.builder_config
         if cfg.on_bad_sample not in ON_BAD_SAMPLE:
             raise ValueError(f"on_bad_sample must be one of {ON_BAD_SAMPLE}, got {cfg.on_bad_sample!r}")
-        records = read_annotations(cfg.annotation_file)
-        good, skipped = [], []
-        for number, record in enumerate(records, 1):
-            sample_id = str(record.get("id", f"#{number}"))
+        total = sum(1 for _ in iter_annotations(cfg.annotation_file))  # a first, cheap pass: no images
+        if not total:
+            raise BadSample(f"{cfg.annotation_file}: the annotation file holds no samples")
+        self._counts = {"samples": 0, "skipped": 0, "skipped_reasons": []}
+        stream = self._examples()
+        shards = -(-total // SAMPLES_PER_SHARD)
+        return {"train": [lambda: itertools.islice(stream, SAMPLES_PER_SHARD)] * shards}
+
+    def _download_and_prepare(self, dl_manager, download_config=None):
+        super()._download_and_prepare(dl_manager, download_config)
+        counts = self._counts
+        if not counts["samples"]:
+            raise BadSample(f"{self.builder_config.annotation_file}: no usable sample "
+                            f"({counts['skipped']} skipped: {counts['skipped_reasons'][:3]})")
+        self.info.metadata.update(counts)
+
+    def _examples(self):
+        """(key, example) of every good sample in file order; bad ones fail or are counted."""
+        cfg = self.builder_config
+        counts = self._counts
+        for annotation in iter_annotations(cfg.annotation_file):
             try:
-                good.append(self._example(record, sample_id))
+                if annotation.error:
+                    raise BadSample(annotation.error)
+                example = self._example(annotation.record, annotation.sample_id)
             except BadSample as e:
+                reason = str(e) if str(e).startswith(cfg.annotation_file) else f"{cfg.annotation_file}: {e}"
                 if cfg.on_bad_sample == "fail":
-                    raise BadSample(f"{cfg.annotation_file}: {e}") from e
-                skipped.append(str(e))
-        self.info.metadata["skipped"] = len(skipped)
-        self.info.metadata["skipped_reasons"] = skipped[:100]
-        self.info.metadata["samples"] = len(good)
-        return {"train": self._generate_examples(good)}
+                    raise BadSample(reason) from e
+                counts["skipped"] += 1
+                if len(counts["skipped_reasons"]) < 100:
+                    counts["skipped_reasons"].append(reason)
+                continue
+            counts["samples"] += 1
+            yield annotation.number, example
 
-    def _generate_examples(self, examples):
-        yield from examples
-
-    def _example(self, record: dict, sample_id: str):
+    def _example(self, record: dict, sample_id: str) -> dict:
         cfg = self.builder_config
         conversations = record["conversations"]
         format_prompt(conversations, "llama", sample_id)  # roles, answers, image placement
@@ -225,16 +243,43 @@ class LlavaFormat(tfds.core.GeneratorBasedBuilder):
 
             load_image(data, f"{sample_id} ({path})")  # refuse corrupt files now, not mid-training
             image = np.frombuffer(data, np.uint8)
-        return sample_id, {"id": sample_id, "image": image, "conversations": json.dumps(conversations),
-                           "question_type": ""}
+        question_type = record.get("question_type", record.get("category", ""))
+        return {"id": sample_id, "image": image, "conversations": json.dumps(conversations),
+                "question_type": str(question_type or "")}
+
+
+def llava_cache_name(annotation_file: str, image_root: str, on_bad_sample: str) -> str:
+    """The converted dataset's name: the annotation file's stem plus a hash of everything that decides its
+    records (the file's full path, size and modification time, the image folder, the bad-sample policy), so
+    another file of the same name, an edited file or another image folder is converted anew."""
+    stat = os.stat(annotation_file)
+    key = json.dumps([os.path.abspath(annotation_file), stat.st_size, stat.st_mtime_ns,
+                      os.path.abspath(image_root), on_bad_sample])
+    stem = re.sub(r"[^a-z0-9_]", "_", os.path.splitext(os.path.basename(annotation_file))[0].lower())
+    return f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def prepare_llava(data_dir: str, annotation_file: str, image_root: str, on_bad_sample: str = "fail",
-                  name: str | None = None):
-    """Converts a LLaVA-format dataset into array_record files under `data_dir`; returns the builder."""
-    name = name or os.path.splitext(os.path.basename(annotation_file))[0].replace(".", "_").lower()
-    config = LlavaConfig(name=name, annotation_file=os.path.abspath(annotation_file),
-                         image_root=os.path.abspath(image_root), on_bad_sample=on_bad_sample)
+                  log=print):
+    """Converts a LLaVA-format dataset into array_record files under `data_dir` once; returns the builder.
+
+    Image paths in the file are relative to `image_root`. A later call with the same file (path, size and
+    modification time), image folder and policy reuses the converted copy and says so through `log`.
+    """
+    if not os.path.isfile(annotation_file):
+        raise FileNotFoundError(f"annotation file {annotation_file!r} does not exist")
+    config = LlavaConfig(name=llava_cache_name(annotation_file, image_root, on_bad_sample),
+                         annotation_file=os.path.abspath(annotation_file), image_root=os.path.abspath(image_root),
+                         on_bad_sample=on_bad_sample)
     builder = LlavaFormat(data_dir=data_dir, config=config, file_format="array_record")
+    if builder.is_prepared():
+        log(f"{annotation_file}: reusing the converted copy in {builder.data_dir} "
+            f"({builder.info.metadata.get('samples')} samples, {builder.info.metadata.get('skipped')} skipped)")
+        return builder
+    log(f"{annotation_file}: converting to array_record in {builder.data_dir} (once)")
     builder.download_and_prepare()
+    meta = builder.info.metadata
+    more = f"\n  ... {meta['skipped'] - 5} more in {builder.data_dir}/dataset_info.json" if meta["skipped"] > 5 else ""
+    log(f"{annotation_file}: {meta['samples']} samples converted, {meta['skipped']} skipped"
+        + "".join(f"\n  skipped: {r}" for r in meta["skipped_reasons"][:5]) + more)
     return builder

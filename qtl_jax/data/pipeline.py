@@ -14,8 +14,10 @@ worker batches its own slice of the shuffled records, so batches differ from `wo
 same on every run with the same worker count.
 
 Batch: images float32[B, S, S, 3] in [-1, 1] (zeros for text-only samples), input_ids int32[B, T],
-attention_mask bool[B, T], labels int32[B, T] (-100 = not supervised), id str[B] (sample ids) and
-question_type str[B] (for per-type evaluation; "" for LLaVA data).
+attention_mask bool[B, T], labels int32[B, T] (-100 = not supervised), id str[B] (sample ids),
+question_type str[B] (for per-type evaluation; "" for LLaVA data without one) and skipped str[B] (why a row
+is empty: a skipped sample, with on_bad_sample="skip"; "" for real rows). Skipped samples keep their place as
+empty rows, so the number of batches per epoch is len(source) // batch_size whatever is skipped.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class PipelineConfig:
     shuffle: shuffle the records (every epoch differently).
     num_epochs: passes over the data (None = forever).
     worker_count: grain worker processes (0 = in the main process).
-    on_bad_sample: "fail" raises `BadSample` naming the sample; "skip" drops it and counts it.
+    on_bad_sample: "fail" raises `BadSample` naming the sample; "skip" leaves an empty row in its place (no
+      loss, excluded from the compressor statistics) and reports it in the batch's `skipped` field.
     drop_remainder: drop the last incomplete batch (keeps shapes static).
     """
 
@@ -75,7 +78,7 @@ class PipelineConfig:
 
 
 class _Encode(gp.MapTransform):
-    """Record -> {image, input_ids, labels, index, bad}; `bad` holds the reason when the sample is unusable."""
+    """Record -> {image, input_ids, labels, id, question_type, bad}; `bad` holds the reason a sample is skipped."""
 
     def __init__(self, tokenizer_path: str, config: PipelineConfig):
         self.tokenizer_path = tokenizer_path
@@ -102,7 +105,11 @@ class _Encode(gp.MapTransform):
         except BadSample as e:
             if cfg.on_bad_sample == "fail":
                 raise
-            return {"bad": str(e)}
+            # Skipped, but it keeps its place: collate turns it into an empty (fully padded) row, so the batch
+            # shape and the number of steps stay as planned, and the reason travels with the batch.
+            empty = np.zeros((0,), np.int32)
+            return {"image": np.zeros((cfg.image_size, cfg.image_size, 3), np.float32), "input_ids": empty,
+                    "labels": empty, "bad": str(e), "id": sample_id, "question_type": ""}
         return {"image": image, "input_ids": encoded.input_ids, "labels": encoded.labels, "bad": "",
                 "id": sample_id, "question_type": _text(record.get("question_type", b""))}
 
@@ -111,21 +118,9 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-class _KeepGood(gp.FilterTransform):
-    """Drops bad samples (on_bad_sample="skip") and counts them in `skipped` (per process)."""
-
-    def __init__(self):
-        self.skipped: list[str] = []
-
-    def filter(self, element) -> bool:
-        if element["bad"]:
-            self.skipped.append(element["bad"])
-            return False
-        return True
-
-
 def collate(elements, buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
-    """Stacks encoded samples, right-padding text to the smallest bucket that fits the longest one."""
+    """Stacks encoded samples, right-padding text to the smallest bucket that fits the longest one; a skipped
+    sample becomes an empty row (attention_mask all False, labels all -100) and its reason goes in `skipped`."""
     longest = max(len(e["input_ids"]) for e in elements)
     length = next(b for b in buckets if b >= longest)
     batch = len(elements)
@@ -137,7 +132,8 @@ def collate(elements, buckets: tuple[int, ...]) -> dict[str, np.ndarray]:
         input_ids[i, :n], labels[i, :n], mask[i, :n] = e["input_ids"], e["labels"], True
     return {"images": np.stack([e["image"] for e in elements]), "input_ids": input_ids,
             "attention_mask": mask, "labels": labels, "id": np.array([e["id"] for e in elements]),
-            "question_type": np.array([e["question_type"] for e in elements])}
+            "question_type": np.array([e["question_type"] for e in elements]),
+            "skipped": np.array([e["bad"] for e in elements])}
 
 
 def make_loader(source, tokenizer_path: str, config: PipelineConfig, shard_index: int | None = None,
@@ -157,10 +153,8 @@ def make_loader(source, tokenizer_path: str, config: PipelineConfig, shard_index
         num_records=len(source), shuffle=config.shuffle, seed=config.seed, num_epochs=config.num_epochs,
         shard_options=gp.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True),
     )
-    operations = [_Encode(tokenizer_path, config)]
-    if config.on_bad_sample == "skip":
-        operations.append(_KeepGood())
-    operations.append(gp.Batch(config.batch_size, drop_remainder=config.drop_remainder,
-                               batch_fn=functools.partial(collate, buckets=config.buckets)))
+    operations = [_Encode(tokenizer_path, config),
+                  gp.Batch(config.batch_size, drop_remainder=config.drop_remainder,
+                           batch_fn=functools.partial(collate, buckets=config.buckets))]
     return gp.DataLoader(data_source=source, sampler=sampler, operations=operations,
                          worker_count=config.worker_count)

@@ -39,9 +39,9 @@ def test_shapes_builder_records_metadata_and_tokenizer(small_shapes):
     assert set(baselines) == set(shapes.QUESTION_TYPES)
     assert baselines["exists"]["chance"] == 0.5
     tok = load_tokenizer(tokenizer_dir)
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2, 0)
-    ids = tok("what color is the circle?").input_ids
-    assert ids[0] == 1 and 0 not in ids
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id) == (0, 1, 2, 0)
+    ids = tok.tokenize("what color is the circle?")[0]
+    assert len(ids) == 6 and 0 not in ids
 
 
 def test_shapes_builder_is_cached(small_shapes, tmp_path):
@@ -57,7 +57,7 @@ def _png(color=(255, 0, 0)):
 
 
 def _llava(tmp_path, records, jsonl=False, extra_lines=()):
-    (tmp_path / "images").mkdir(exist_ok=True)
+    (tmp_path / "images").mkdir(parents=True, exist_ok=True)
     (tmp_path / "images" / "a.png").write_bytes(_png())
     (tmp_path / "images" / "bad.jpg").write_bytes(b"\xff\xd8 corrupt")
     path = tmp_path / ("data.jsonl" if jsonl else "data.json")
@@ -102,24 +102,40 @@ def test_llava_bad_sample_fails_naming_file_and_sample(tmp_path, record, message
         builders.prepare_llava(str(tmp_path / "tfds"), str(path), str(tmp_path / "images"))
 
 
-def test_llava_skip_counts_bad_samples(tmp_path):
+def test_llava_skip_counts_bad_samples(tmp_path, capsys):
     path = _llava(tmp_path, [GOOD] + [r for r, _ in BAD])
     builder = builders.prepare_llava(str(tmp_path / "tfds"), str(path), str(tmp_path / "images"),
                                      on_bad_sample="skip")
     assert len(builder.as_data_source()["train"]) == 1
-    assert builder.info.metadata["skipped"] == len(BAD)
+    assert builder.info.metadata["skipped"] == len(BAD) and builder.info.metadata["samples"] == 1
     assert any("b4" in reason for reason in builder.info.metadata["skipped_reasons"])
+    out = capsys.readouterr().out
+    assert "1 samples converted, 5 skipped" in out and "sample b1: image file" in out
+    assert "Downloading and preparing" not in out  # tfds's message for downloads: we download nothing
 
 
-def test_malformed_annotations(tmp_path):
-    path = _llava(tmp_path, [GOOD], jsonl=True, extra_lines=['{"id": "x", "conversations": [}'])
-    with pytest.raises(BadSample, match=r"data.jsonl:2: malformed JSON line"):
-        builders.read_annotations(str(path))
-    (tmp_path / "broken.json").write_text('[{"id": 1,}]')
-    with pytest.raises(BadSample, match=r"broken\.json: malformed JSON at line 1"):
-        builders.read_annotations(str(tmp_path / "broken.json"))
-    (tmp_path / "noconv.json").write_text('[{"id": "q"}]')
-    with pytest.raises(BadSample, match=r"sample 1 .* has no 'conversations'"):
-        builders.read_annotations(str(tmp_path / "noconv.json"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        builders.read_annotations(str(tmp_path / "nope.json"))
+def test_llava_builder_streams_in_file_order_across_shards(tmp_path, monkeypatch):
+    monkeypatch.setattr(builders, "SAMPLES_PER_SHARD", 3)
+    records = [dict(GOOD, id=f"s{i}", question_type="count" if i % 2 else "") for i in range(8)]
+    records.insert(4, {"id": "bad", "image": "missing.png", "conversations": GOOD["conversations"]})
+    path = _llava(tmp_path, records)
+    builder = builders.prepare_llava(str(tmp_path / "tfds"), str(path), str(tmp_path / "images"), "skip")
+    source = builder.as_data_source()["train"]
+    assert [source[i]["id"].decode() for i in range(len(source))] == [f"s{i}" for i in range(8)]
+    assert [source[i]["question_type"].decode() for i in range(3)] == ["", "count", ""]
+    assert len(builder.info.splits["train"].shard_lengths) == 3  # 9 samples, 3 per shard; one was skipped
+
+
+def test_llava_cache_is_keyed_on_the_file_and_image_folder(tmp_path, capsys):
+    first = _llava(tmp_path / "one", [GOOD])
+    second = _llava(tmp_path / "two", [GOOD, TEXT_ONLY])  # same file name, other folder, other content
+    data_dir = str(tmp_path / "tfds")
+    a = builders.prepare_llava(data_dir, str(first), str(tmp_path / "one" / "images"))
+    b = builders.prepare_llava(data_dir, str(second), str(tmp_path / "two" / "images"))
+    assert len(a.as_data_source()["train"]) == 1 and len(b.as_data_source()["train"]) == 2
+    capsys.readouterr()
+    again = builders.prepare_llava(data_dir, str(second), str(tmp_path / "two" / "images"))
+    assert "reusing the converted copy" in capsys.readouterr().out and again.data_dir == b.data_dir
+    second.write_text(json.dumps([GOOD, TEXT_ONLY, dict(GOOD, id="new")]))  # edited: converted anew
+    assert len(builders.prepare_llava(data_dir, str(second), str(tmp_path / "two" / "images"))
+               .as_data_source()["train"]) == 3

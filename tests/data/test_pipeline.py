@@ -36,9 +36,9 @@ def test_batches(small_shapes):
         assert np.all(np.diff(b["attention_mask"].astype(int), axis=1) <= 0)  # right padding
         for ids, labels, qtype in zip(b["input_ids"], b["labels"], b["question_type"], strict=True):
             supervised = labels[labels != -100]
-            assert supervised[-1] == tok.eos_token_id and len(supervised) == 2  # one-word answer + </s>
+            assert supervised[-1] == tok.eos_id and len(supervised) == 2  # one-word answer + </s>
             assert qtype in ("color", "shape", "count", "position", "exists")
-            assert ids[-1] == 0 or ids[-1] == tok.eos_token_id
+            assert ids[-1] == 0 or ids[-1] == tok.eos_id
 
 
 def test_answers_decode_to_the_records(small_shapes):
@@ -93,11 +93,18 @@ def test_worker_processes_are_deterministic_and_see_every_record(small_shapes):
 def test_over_length_samples_fail_or_are_skipped(small_shapes):
     with pytest.raises(BadSample, match="text tokens exceed the largest bucket 20"):
         list(_loader(small_shapes, buckets=(20,)))
-    # Captions are longer than questions: with a 32-token bucket some captions are skipped, none fail.
+    # Captions are longer than questions: with a 24-token bucket some captions are skipped, none fail. A skipped
+    # sample keeps its place as an empty row, so every batch is full and the batch count is len // batch.
     batches = list(_loader(small_shapes, split="pretrain", template="pretrain", buckets=(24,),
-                           on_bad_sample="skip", drop_remainder=False))
-    kept = sum(len(b["id"]) for b in batches)
-    assert 0 < kept < 24 and all(b["input_ids"].shape[1] == 24 for b in batches)
+                           on_bad_sample="skip"))
+    assert len(batches) == 24 // 4 and all(b["input_ids"].shape == (4, 24) for b in batches)
+    skipped = [(b, i) for b in batches for i, reason in enumerate(b["skipped"]) if reason]
+    assert 0 < len(skipped) < 24
+    for b, i in skipped:
+        assert "text tokens exceed the largest bucket 24" in b["skipped"][i] and b["id"][i] in b["skipped"][i]
+        assert not b["attention_mask"][i].any() and (b["labels"][i] == -100).all() and not b["images"][i].any()
+    kept = [(b, i) for b in batches for i, reason in enumerate(b["skipped"]) if not reason]
+    assert all(b["attention_mask"][i].any() for b, i in kept)
 
 
 def test_bad_config():
