@@ -24,6 +24,8 @@ from qtl_jax.compress.codecs import (
     FSQTanh,
     Identity,
     Quantized,
+    codec_from_dict,
+    codec_to_dict,
     make_codec,
 )
 from qtl_jax.compress.entropy import (
@@ -63,7 +65,8 @@ from qtl_jax.compress.ste import round_ste, straight_through
 
 __all__ = [
     "COMPRESSORS", "FSQ", "IDENTITY_DTYPES", "NF", "RDFSQ", "BitSelection", "ClientOutput", "Codec",
-    "Compressor", "FSQTanh", "Identity", "Payload", "Quantized", "client_apply", "commitment_loss",
+    "Compressor", "FSQTanh", "Identity", "Payload", "Quantized", "client_apply", "codec_from_dict",
+    "codec_to_dict", "commitment_loss",
     "dequantize_levels", "entropy_decode", "entropy_encode", "fsq_bound", "fsq_codebook",
     "fsq_codes_to_indices", "fsq_digits", "fsq_from_digits", "fsq_indices_to_codes", "fsq_quantize",
     "fsq_tanh", "fsq_tanh_encode", "fsq_tanh_quantize", "identity_quantize", "identity_ste",

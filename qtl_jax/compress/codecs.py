@@ -2,7 +2,8 @@
 
 A `Codec` is a frozen (hashable, static) description of a compressor's math between the projections:
 
-    code = codec.encode(z, mask)        client: continuous code (RD-FSQ: 3-sigma scaling; FSQ: tanh bound)
+    m    = codec.moments(z, mask)       client: statistics the code depends on across rows (RD-FSQ), else None
+    code = codec.encode(z, mask, m)     client: continuous code (RD-FSQ: 3-sigma scaling; FSQ: tanh bound)
     qz   = codec.quantize(code)         client: `Quantized(values, side)`, integer indices + side info
     p    = codec.to_payload(qz)         client: bit-packed `Payload`, the bytes that cross the wire
     qz   = codec.from_payload(p)        server
@@ -14,6 +15,10 @@ The gradient contract of the split runtime: the server returns dL/dq; the client
 `ste`, whose forward values equal the server's `dequantize` (bit for bit when both run eagerly or in
 separate programs; inside one fused jit XLA may round a division differently by one ulp). So
 single-program and split training compute the same gradients.
+
+Inference (`codec.for_inference()`): RD-FSQ's statistics are taken per sample, over that sample's real rows,
+instead of over the batch, so an answer does not depend on which other samples share its batch; generated
+tokens are quantized with their prompt's statistics (`moments`). The other codecs work row by row already.
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ import jax.numpy as jnp
 from qtl_jax.compress import fsq as fsq_lib
 from qtl_jax.compress import nf as nf_lib
 from qtl_jax.compress import rd_fsq as rd_fsq_lib
-from qtl_jax.compress.checks import check_bits
+from qtl_jax.compress.checks import check_bits, check_mask
 from qtl_jax.compress.identity import IDENTITY_DTYPES, identity_quantize, identity_ste
 from qtl_jax.compress.pack import pack, unpack
 from qtl_jax.compress.payload import Payload
 from qtl_jax.compress.ste import straight_through
+
+STATISTICS = ("batch", "sample")  # RD-FSQ: over the batch's real rows (training), per sample (inference)
 
 
 @flax.struct.dataclass
@@ -64,8 +71,17 @@ class Codec:
         """Width C of the continuous code for D = `features` input features."""
         return features
 
-    def encode(self, z: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def moments(self, z: jax.Array, mask: jax.Array | None = None) -> Any:
+        """Statistics the code of a row depends on beyond the row itself (None for row-wise codecs)."""
+        del z, mask
+        return None
+
+    def encode(self, z: jax.Array, mask: jax.Array | None = None, moments: Any = None) -> jax.Array:
         raise NotImplementedError
+
+    def for_inference(self) -> Codec:
+        """The codec as evaluation and generation run it (see the module docstring)."""
+        return self
 
     def quantize(self, code: jax.Array) -> Quantized:
         raise NotImplementedError
@@ -128,9 +144,21 @@ class RDFSQ(_LevelCodec):
 
     name: ClassVar[str] = "rd_fsq"
     width: float = 3.0
+    statistics: str = "batch"  # "batch" (training, the paper) or "sample" (inference)
 
-    def encode(self, z, mask=None):
-        return rd_fsq_lib.robust_scale(z, mask, self.width)
+    def __post_init__(self):
+        super().__post_init__()
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
+
+    def moments(self, z, mask=None):
+        return rd_fsq_lib.masked_moments(z, check_mask(mask, z), per_sample=self.statistics == "sample")
+
+    def encode(self, z, mask=None, moments=None):
+        return rd_fsq_lib.robust_scale(z, mask, self.width, per_sample=self.statistics == "sample", moments=moments)
+
+    def for_inference(self):
+        return dataclasses.replace(self, statistics="sample")
 
     def loss(self, code, q, mask=None):
         return rd_fsq_lib.commitment_loss(code, q, mask)
@@ -142,8 +170,8 @@ class FSQTanh(_LevelCodec):
 
     name: ClassVar[str] = "fsq_tanh"
 
-    def encode(self, z, mask=None):
-        del mask
+    def encode(self, z, mask=None, moments=None):
+        del mask, moments
         return fsq_lib.fsq_tanh_encode(z)
 
 
@@ -171,8 +199,8 @@ class FSQ(Codec):
     def _half_width(self):
         return jnp.asarray([level // 2 for level in self.levels], jnp.float32)
 
-    def encode(self, z, mask=None):
-        del mask
+    def encode(self, z, mask=None, moments=None):
+        del mask, moments
         return fsq_lib.fsq_bound(z, self.levels)
 
     def quantize(self, code):
@@ -205,8 +233,8 @@ class NF(Codec):
     def bits(self) -> int:
         return self.num_bits
 
-    def encode(self, z, mask=None):
-        del mask
+    def encode(self, z, mask=None, moments=None):
+        del mask, moments
         return z.astype(jnp.float32)
 
     def quantize(self, code):
@@ -243,8 +271,8 @@ class Identity(Codec):
     def bits(self) -> int:
         return jnp.dtype(self.dtype).itemsize * 8
 
-    def encode(self, z, mask=None):
-        del mask
+    def encode(self, z, mask=None, moments=None):
+        del mask, moments
         return z.astype(jnp.float32)
 
     def quantize(self, code):
@@ -269,6 +297,19 @@ class Identity(Codec):
 COMPRESSORS = ("rd_fsq", "fsq_tanh", "fsq", "nf", *IDENTITY_DTYPES)
 
 
+def codec_to_dict(codec: Codec) -> dict[str, Any]:
+    """A codec as JSON-able settings: {"name", "bits", **options}; `codec_from_dict` rebuilds it."""
+    options = {f.name: getattr(codec, f.name) for f in dataclasses.fields(codec) if f.name not in ("num_bits", "kind")}
+    return {"name": codec.name, "bits": codec.bits, **{k: list(v) if isinstance(v, tuple) else v
+                                                        for k, v in options.items()}}
+
+
+def codec_from_dict(settings: dict[str, Any]) -> Codec:
+    """The inverse of `codec_to_dict`."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k not in ("name", "bits")}
+    return make_codec(settings["name"], settings["bits"], **options)
+
+
 def make_codec(name: str, bits: int = 2, **kwargs) -> Codec:
     """Builds a codec by name: one of `COMPRESSORS`.
 
@@ -276,7 +317,8 @@ def make_codec(name: str, bits: int = 2, **kwargs) -> Codec:
       name: "rd_fsq", "fsq_tanh", "fsq" (canonical; pass `levels=`), "nf" (`block_size=`, `mins_bits=`),
         "none_fp32", "none_bf16" or "none_fp16".
       bits: bits per element for rd_fsq, fsq_tanh and nf (1..8); ignored by the others.
-      **kwargs: codec-specific options (RD-FSQ `width`, FSQ `levels`, NF `block_size` and `mins_bits`).
+      **kwargs: codec-specific options (RD-FSQ `width` and `statistics`, FSQ `levels`, NF `block_size` and
+        `mins_bits`).
     """
     if name == "rd_fsq":
         return RDFSQ(num_bits=bits, **kwargs)

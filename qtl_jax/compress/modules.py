@@ -38,11 +38,14 @@ class ClientOutput:
       q: float32[..., N, C] the dequantized values as the server will see them, differentiable through the
         straight-through estimator: the client pulls the server's gradient dL/dq back through this.
       loss: float32[] commitment loss (unweighted; 0 for codecs without one).
+      moments: the statistics the codes were made with (RD-FSQ's mean and std), None for row-wise codecs;
+        never sent.
     """
 
     payload: Payload
     q: jax.Array
     loss: jax.Array
+    moments: Any = None
 
 
 class Compressor(nn.Module):
@@ -74,22 +77,28 @@ class Compressor(nn.Module):
                 f"got {tuple(x.shape)}"
             )
 
-    def encode(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def encode(self, x: jax.Array, mask: jax.Array | None = None, moments: Any = None) -> jax.Array:
         """Client: float[..., N, D] -> float32[..., N, C] continuous code (in_proj, then the codec's bound)."""
+        return self._encode(x, mask, moments)[0]
+
+    def _encode(self, x, mask=None, moments=None):
+        """(code, the moments it was made with): given `moments`, else the codec's own over `mask`'s rows."""
         self._check(x)
-        z = self.in_proj(x) if self.codec.projected else x
-        return self.codec.encode(z.astype(jnp.float32), mask)
+        z = (self.in_proj(x) if self.codec.projected else x).astype(jnp.float32)
+        moments = self.codec.moments(z, mask) if moments is None else moments
+        return self.codec.encode(z, mask, moments), moments
 
     def decode(self, q: jax.Array) -> jax.Array:
         """Server: float32[..., N, C] dequantized values -> float[..., N, D] (out_proj)."""
         return self.out_proj(q) if self.codec.projected else q
 
-    def client(self, x: jax.Array, mask: jax.Array | None = None) -> ClientOutput:
-        """Client half: encode, quantize and pack float[..., N, D] features; see `ClientOutput`."""
-        code = self.encode(x, mask)
+    def client(self, x: jax.Array, mask: jax.Array | None = None, moments: Any = None) -> ClientOutput:
+        """Client half: encode, quantize and pack float[..., N, D] features; see `ClientOutput`. `moments`
+        (e.g. a prompt's, for generated tokens) replaces the statistics of `x` itself."""
+        code, moments = self._encode(x, mask, moments)
         q = self.codec.ste(code)
         payload = self.codec.to_payload(self.codec.quantize(code))
-        return ClientOutput(payload=payload, q=q, loss=self.codec.loss(code, q, mask))
+        return ClientOutput(payload=payload, q=q, loss=self.codec.loss(code, q, mask), moments=moments)
 
     def server(self, payload: Payload) -> jax.Array:
         """Server half: unpack, dequantize and decode a payload -> float[..., N, D]."""

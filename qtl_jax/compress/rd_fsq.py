@@ -36,33 +36,39 @@ def _level_grid(bits: int) -> tuple[float, float]:
     return half, offset
 
 
-def masked_moments(z: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def masked_moments(z: jax.Array, mask: jax.Array | None, per_sample: bool = False) -> tuple[jax.Array, jax.Array]:
     """Mean and unbiased standard deviation of all elements of the real rows of `z`.
 
     Args:
       z: float[..., N, D].
       mask: bool[..., N] (True = real row) or None (all rows are real).
+      per_sample: False: one mean and std over every real row of the batch (training, as the paper). True: one
+        per sample, over that sample's real rows only (inference: an answer must not depend on which other
+        samples share its batch).
 
     Returns:
-      (mean, std), two float32 scalars; the std uses N_elements - 1 like `torch.std`. Gradients flow through
-      both, as in the reference (nothing is detached). A constant input gives std 0 with a zero (not NaN)
-      gradient.
+      (mean, std): float32 scalars, or float32[..., 1, 1] with `per_sample`; the std uses n_elements - 1 like
+      `torch.std`. Gradients flow through both, as in the reference (nothing is detached). A constant input
+      (or a sample without real rows) gives std 0 with a zero (not NaN) gradient.
     """
     z = z.astype(jnp.float32)
     if mask is None:
         weights = jnp.ones((*z.shape[:-1], 1), jnp.float32)
     else:
         weights = mask.astype(jnp.float32)[..., None]
-    count = jnp.sum(weights) * z.shape[-1]
-    mean = jnp.sum(z * weights) / jnp.maximum(count, 1.0)
-    var = jnp.sum(jnp.square(z - mean) * weights) / jnp.maximum(count - 1.0, 1.0)
+    axes = (-2, -1) if per_sample else None
+    total = functools.partial(jnp.sum, axis=axes, keepdims=per_sample)
+    count = total(weights) * z.shape[-1]
+    mean = total(z * weights) / jnp.maximum(count, 1.0)
+    var = total(jnp.square(z - mean) * weights) / jnp.maximum(count - 1.0, 1.0)
     # Double-where: sqrt'(0) is inf, and inf * 0 would turn the gradient of a constant input into NaN.
     positive = var > 0
     std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
     return mean, std
 
 
-def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0) -> jax.Array:
+def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0, per_sample: bool = False,
+                 moments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """RD-FSQ step 2: clip to mean +- width * std and map linearly to [-1, 1].
 
     One mean and one std over all real rows of the modality (not per channel), recomputed every call and
@@ -76,13 +82,15 @@ def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0
       z: float[..., N, D] continuous codes (the output of in_proj).
       mask: optional bool[..., N], True for real rows.
       width: clip width in standard deviations (3 in the paper).
+      per_sample: statistics per sample instead of over the batch (`masked_moments`).
+      moments: given (mean, std) instead of computing them (e.g. the prompt's, to quantize generated tokens).
 
     Returns:
       float32[..., N, D] in [-1 + 2e-4 / (hi - lo + 1e-4), 1].
     """
     z = check_features(z, "z")
     mask = check_mask(mask, z)
-    mean, std = masked_moments(z, mask)
+    mean, std = masked_moments(z, mask, per_sample) if moments is None else moments
     lo, hi = mean - width * std, mean + width * std
     zc = jnp.clip(z.astype(jnp.float32), lo, hi)
     return 2.0 * (zc - lo + SCALE_EPS) / (hi - lo + SCALE_EPS) - 1.0
@@ -158,7 +166,7 @@ def commitment_loss(u: jax.Array, q: jax.Array, mask: jax.Array | None = None) -
 
 
 def rd_fsq(
-    z: jax.Array, bits: int, mask: jax.Array | None = None, width: float = 3.0
+    z: jax.Array, bits: int, mask: jax.Array | None = None, width: float = 3.0, per_sample: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """RD-FSQ steps 2-4 in one call (no projections), for research code.
 
@@ -167,12 +175,13 @@ def rd_fsq(
       bits: 1..8; b bits per element on the wire, nothing else.
       mask: optional bool[..., N], True for real rows.
       width: clip width in standard deviations.
+      per_sample: statistics per sample (inference) instead of over the batch (training).
 
     Returns:
       (q, idx, loss): float32[..., N, D] quantized values with the straight-through gradient,
       uint8[..., N, D] indices, and the float32 commitment loss (unweighted; the paper weights it 0.25).
     """
-    u = robust_scale(z, mask, width)
+    u = robust_scale(z, mask, width, per_sample)
     q = levels_ste(u, bits)
     idx = quantize_levels(u, bits)
     return q, idx, commitment_loss(u, q, mask)

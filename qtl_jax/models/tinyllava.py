@@ -75,6 +75,25 @@ class TinyLlavaConfig:
     def quantized_text(self) -> bool:
         return self.text_transport == "quantized_embeddings"
 
+    def for_inference(self) -> TinyLlavaConfig:
+        """The config evaluation and generation run: each codec's inference variant (RD-FSQ statistics per
+        sample, over that sample's real rows: an answer does not depend on the rest of its batch)."""
+        return dataclasses.replace(self, image_codec=self.image_codec.for_inference(),
+                                   text_codec=self.text_codec.for_inference())
+
+
+# The model's parts, by the top-level parameter names of each half (what `optim.trainable` names).
+PARTS = ("vision_tower", "connector", "compressors", "token_embeddings", "language_model")
+
+
+def part_of(path: tuple[str, ...]) -> str:
+    """The part (one of PARTS) a parameter belongs to, from its path inside params["client"] or ["server"]."""
+    top = path[0]
+    part = "compressors" if top in ("image_compressor", "text_compressor") else top
+    if part not in PARTS:
+        raise ValueError(f"parameter {'/'.join(path)} belongs to no known part {PARTS}")
+    return part
+
 
 TINYLLAVA_PAPER = TinyLlavaConfig()
 TINYLLAVA_TINY = TinyLlavaConfig(vision=SIGLIP_TINY, lm=OPENELM_TINY)
@@ -175,12 +194,15 @@ class ClientResult:
       q_image: float32[B, N, C] the image rows' dequantized values as the server sees them (STE-differentiable).
       q_text: float32[B, T, C] the same for text rows, or None with token_ids transport.
       commitment_loss: float32[] alpha * (L_img + L_txt), the client's own loss term.
+      text_moments: the text compressor's statistics (RD-FSQ: mean and std; float32[B, 1, 1] each with the
+        inference config), which generated tokens are quantized with; None when there are none. Never sent.
     """
 
     uplink: Uplink
     q_image: jax.Array
     q_text: jax.Array | None
     commitment_loss: jax.Array
+    text_moments: Any = None
 
 
 def _id_dtype(vocab_size: int, reserved: int = 0):
@@ -247,16 +269,18 @@ class TinyLlavaClient(nn.Module):
         image_mask = jnp.broadcast_to((image_pos >= 0)[:, None], image_rows.shape[:2])
         image_out = self.image_compressor.client(image_rows, image_mask)
         loss = image_out.loss
+        text_moments = None
         if cfg.quantized_text:
             text_mask = attention_mask.astype(bool) & (input_ids != IMAGE_TOKEN_INDEX)
             text_out = self.text_compressor.client(text_rows, text_mask)
             text_payload, q_text, loss = text_out.payload, text_out.q, loss + text_out.loss
+            text_moments = text_out.moments
         else:
             text_payload, q_text = _token_ids_payload(input_ids, cfg.lm.vocab_size), None
         uplink = Uplink(image=image_out.payload, text=text_payload, image_pos=image_pos, lengths=lengths,
                         labels=labels_to_wire(labels, cfg.lm.vocab_size))
         return ClientResult(uplink=uplink, q_image=image_out.q, q_text=q_text,
-                            commitment_loss=cfg.commitment_weight * loss)
+                            commitment_loss=cfg.commitment_weight * loss, text_moments=text_moments)
 
 
 class TinyLlavaServer(nn.Module):
@@ -338,23 +362,26 @@ def server_apply(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=j
 
 
 def token_rows_fn(config: TinyLlavaConfig, params, dtype=jnp.float32):
-    """With quantized text embeddings: a jitted int[B, L] ids -> float[B, L, D] giving the rows the server's
-    LM receives for those tokens (client embedding -> text compressor -> server decode), for generation.
+    """With quantized text embeddings: a jitted (int[B, L] ids, moments) -> float[B, L, D] giving the rows the
+    server's LM receives for those tokens (client embedding -> text compressor -> server decode), for
+    generation.
 
     In a split deployment this is one small round trip per generated token: the server sends the token id,
-    the client answers with its quantized row. The quantizer's statistics are those of the L new rows."""
+    the client answers with its quantized row. `moments` are the statistics to quantize with: the prompt's
+    (`ClientResult.text_moments`, per sample with the inference config), so that a sample's new tokens are
+    coded as its prompt was; None takes those of the L new rows themselves."""
     if not config.quantized_text:
         raise ValueError("token_rows_fn is for text_transport='quantized_embeddings'")
     client, server = TinyLlavaClient(config, dtype), TinyLlavaServer(config, dtype)
 
-    def rows(params, ids):
+    def rows(params, ids, moments):
         def quantize(m):
-            return m.text_compressor.client(m.token_embeddings(ids), jnp.ones(ids.shape, bool)).q
+            return m.text_compressor.client(m.token_embeddings(ids), jnp.ones(ids.shape, bool), moments).q
         q = client.apply({"params": params["client"]}, method=quantize)
         return server.apply({"params": params["server"]}, q, method=lambda m, q: m.text_compressor.decode(q))
 
     jitted = jax.jit(rows)
-    return lambda ids: jitted(params, ids)
+    return lambda ids, moments=None: jitted(params, ids, moments)
 
 
 def server_generate(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=jnp.float32, **kwargs):

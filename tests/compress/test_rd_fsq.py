@@ -1,16 +1,22 @@
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from qtl_jax.compress import (
+    codec_from_dict,
+    codec_to_dict,
     commitment_loss,
     dequantize_levels,
     levels_ste,
     quantize_levels,
     rd_fsq,
+    make_codec,
     robust_scale,
 )
+from qtl_jax.compress.rd_fsq import masked_moments
 
 
 def test_four_levels_are_exactly_thirds():
@@ -99,3 +105,44 @@ def test_rd_fsq_bundle_matches_pieces():
     np.testing.assert_array_equal(q, dequantize_levels(idx, 2))
     np.testing.assert_allclose(loss, commitment_loss(u, q, mask), rtol=1e-6)
     assert idx.dtype == jnp.uint8 and int(idx.max()) <= 3
+
+
+def test_per_sample_statistics_are_each_sample_alone():
+    rng = np.random.default_rng(3)
+    z = (rng.normal(size=(3, 5, 8)) * np.array([1.0, 10.0, 0.1])[:, None, None]).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]], bool)
+    u = np.asarray(robust_scale(z, mask, per_sample=True))
+    for i in range(3):  # each sample scaled by its own real rows, as if it were alone in the batch
+        alone = np.asarray(robust_scale(z[i:i + 1, mask[i]]))
+        np.testing.assert_allclose(u[i, mask[i]], alone[0], rtol=1e-6, atol=1e-6)
+    # Batch statistics mix the samples: sample 2 (std 0.1) lands in the middle bins of sample 1's range.
+    assert not np.allclose(np.asarray(robust_scale(z, mask))[2, :2], u[2, :2], atol=0.1)
+    # A sample without real rows gets std 0: finite codes, no NaN.
+    empty = np.zeros_like(mask)
+    empty[0] = True
+    assert np.isfinite(np.asarray(robust_scale(z, empty, per_sample=True))).all()
+
+
+def test_given_moments_replace_the_codes_own():
+    rng = np.random.default_rng(4)
+    prompt, new = rng.normal(size=(2, 6, 8)).astype(np.float32), rng.normal(size=(2, 1, 8)).astype(np.float32) * 5
+    moments = masked_moments(prompt, None, per_sample=True)
+    assert moments[0].shape == (2, 1, 1)
+    mean, std = np.asarray(moments[0])[:, 0, 0], np.asarray(moments[1])[:, 0, 0]
+    lo, hi = mean - 3 * std, mean + 3 * std
+    expected = 2 * (np.clip(new, lo[:, None, None], hi[:, None, None]) - lo[:, None, None] + 1e-4) / (
+        (hi - lo)[:, None, None] + 1e-4) - 1
+    np.testing.assert_allclose(robust_scale(new, moments=moments), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_codec_and_settings_round_trip():
+    codec = make_codec("rd_fsq", 3)
+    inference = codec.for_inference()
+    assert (codec.statistics, inference.statistics) == ("batch", "sample") and inference.bits == 3
+    for c in (codec, inference, make_codec("fsq_tanh", 2), make_codec("fsq", levels=(8, 5, 5)),
+              make_codec("nf", 4, mins_bits=8), make_codec("none_bf16")):
+        assert codec_from_dict(json.loads(json.dumps(codec_to_dict(c)))) == c
+        if c.name != "rd_fsq":
+            assert c.for_inference() is c  # row-wise codecs do not depend on the batch
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        make_codec("rd_fsq", 2, statistics="ema")
