@@ -2,17 +2,28 @@
 
     meshes mode, one step:
       client mesh   client_forward (jit): vision tower, connector, text embedding, quantize, pack
-                      -> Uplink (payloads + metadata), and a vjp of the STE values q w.r.t. client params
+                      -> Uplink (payloads + metadata), and a vjp of the STE values q w.r.t. the client's
+                      trainable params
       == jax.device_put(uplink, server mesh) ==  (the only crossing client -> server)
-      server mesh   server_step (jit): dequantize, splice, OpenELM, CE; grads w.r.t. server params and q;
-                      optimizer update; the downlink gradient dL/dq, compressed (fp32 | bf16 | nf8 | nf4)
+      server mesh   server_step (jit): dequantize, splice, OpenELM, CE; grads w.r.t. the server's trainable
+                      params and q; optimizer update; the downlink gradient dL/dq, compressed (fp32 | bf16 |
+                      nf8 | nf4)
       == jax.device_put(downlink, client mesh) ==  (the only crossing server -> client)
       client mesh   client_update (jit): decompress dL/dq, pull it back through the vjp (the STE makes
                       this the gradient of the continuous code), add the commitment-loss gradient, update.
 
-Each half's parameters and optimizer state are created on its own mesh and sharded inside it by the
-logical rules (`qtl_jax.sharding`); step functions pin their output shardings, so they compile once per
-batch shape. Byte counts come from the payloads (`Uplink.nbytes`, `Payload.nbytes`).
+Frozen parts cost nothing. Each half's parameters are partitioned once into `trainable` and `frozen`
+(`HalfState`); the steps differentiate w.r.t. the trainable ones only and take the frozen ones as constants.
+So a frozen part gets no gradient (XLA computes no weight gradient for it), no optimizer state and no
+gradient accumulator (the optimizer only ever sees the trainable tree), and a frozen SigLIP is not
+linearised at all: the client's vjp keeps no residuals of it, only its output. Which parts train is
+`trainable` (names from `tinyllava.PARTS`; the trainer passes `config.optim.trainable`).
+
+Each half's state is created on its own mesh and sharded inside it by the logical rules
+(`qtl_jax.sharding`); step functions pin their output shardings, so they compile once per batch shape. Byte
+counts come from the payloads (`Uplink.nbytes`, `Payload.nbytes`). `compile_steps` compiles the steps ahead
+of time from shapes alone (params may be `jax.ShapeDtypeStruct`s), for memory and FLOP estimates of models
+that do not fit the machine (`benchmarks/paper_memory.py`).
 
 `single` runs the same math in one jit (`TinyLlava` with the straight-through quantizer): the reference the
 `meshes` gradients are tested against.
@@ -21,6 +32,7 @@ batch shape. Byte counts come from the payloads (`Uplink.nbytes`, `Payload.nbyte
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 from jax.sharding import NamedSharding
 
 from qtl_jax import sharding
@@ -37,6 +50,7 @@ from qtl_jax.models import tinyllava as T
 
 MODES = ("single", "meshes")
 DOWNLINKS = ("fp32", "bf16", "nf8", "nf4")
+HALVES = ("client", "server")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,12 +128,55 @@ def downlink_nbytes(payloads) -> int:
 
 
 # ------------------------------------------------------------------------------------------------- state
+def partition(params: dict, is_trainable: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:
+    """Splits a nested parameter dict into (trainable, frozen) nested dicts by each leaf's path."""
+    flat = traverse_util.flatten_dict(params)
+    trainable = {k: v for k, v in flat.items() if is_trainable(k)}
+    frozen = {k: v for k, v in flat.items() if not is_trainable(k)}
+    return traverse_util.unflatten_dict(trainable), traverse_util.unflatten_dict(frozen)
+
+
+def combine(trainable: dict, frozen: dict) -> dict:
+    """The inverse of `partition`: one nested dict with the leaves of both."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(trainable),
+                                         **traverse_util.flatten_dict(frozen)})
+
+
 @flax.struct.dataclass
 class HalfState:
-    """One half's parameters and optimizer state (on its mesh)."""
+    """One half's state on its mesh.
 
-    params: Any
+    Attributes:
+      trainable: the parameters that train (get gradients and an optimizer state).
+      frozen: the others: constants of the step, no gradient, no optimizer state.
+      opt_state: the optimizer's state, over `trainable` only.
+    """
+
+    trainable: Any
+    frozen: Any
     opt_state: Any
+
+    @property
+    def params(self) -> dict:
+        return combine(self.trainable, self.frozen)
+
+
+def optimizer_state_shardings(opt_shapes, params, param_shardings, mesh):
+    """Shardings for an optimizer state: each leaf that mirrors a parameter (Adam's moments, MultiSteps'
+    accumulator: same dict path and shape) is sharded like that parameter, anything else (step counts) is
+    replicated. Left to XLA, `jax.jit(tx.init)` replicates the moments on every device: zeros depend on no
+    input, so no sharding propagates to them, and an FSDP mesh would hold the whole optimizer state everywhere."""
+    by_path = {}
+    for (path, leaf), sharding_ in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                       jax.tree.leaves(param_shardings), strict=True):
+        by_path[tuple(k.key for k in path)] = (tuple(leaf.shape), sharding_)
+
+    def one(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        shape, sharding_ = by_path.get(keys, (None, None))
+        return sharding_ if shape == tuple(leaf.shape) else NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(one, opt_shapes)
 
 
 def _batch_spec(mesh, x) -> NamedSharding:
@@ -133,6 +190,15 @@ def to_mesh(tree, mesh):
     return jax.tree.map(lambda a: jax.device_put(a, _batch_spec(mesh, a)), tree)
 
 
+def _abstract_on(tree, mesh):
+    """ShapeDtypeStructs of a pytree as `to_mesh` would place it (ahead-of-time compilation)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=_batch_spec(mesh, a)), tree)
+
+
+def _is_abstract(tree) -> bool:
+    return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
+
+
 MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels")
 
 
@@ -142,41 +208,61 @@ class SplitTrainer:
     Args:
       model_config: the TinyLLaVA config.
       split: the split config.
-      tx_client, tx_server: optax optimizers of each half (masks for frozen parts live inside them).
+      tx_client, tx_server: optax optimizers of each half; they see only the trainable parameters.
       params: initial {"client", "server"} parameters (e.g. from `TinyLlava.init` and checkpoints); boxed
-        (logically partitioned) or plain.
+        (logically partitioned) or plain; `jax.ShapeDtypeStruct` leaves give an abstract trainer that can
+        only `compile_steps`.
       dtype: compute dtype.
+      boxed_like: a logically-partitioned tree with the structure of `params` (e.g. the output of
+        `jax.eval_shape(model.init, ...)`) when `params` themselves are plain arrays.
+      trainable: the parts that train (names from `tinyllava.PARTS`); None = every part.
     """
 
     def __init__(self, model_config, split: SplitConfig, tx_client, tx_server, params, dtype=jnp.float32,
-                 boxed_like=None):
-        """`boxed_like`: a logically-partitioned tree with the structure of `params` (e.g. the output of
-        `jax.eval_shape(model.init, ...)`) when `params` themselves are plain arrays."""
+                 boxed_like=None, trainable: Sequence[str] | None = None):
         self.model_config, self.split, self.dtype = model_config, split, dtype
         self.tx = {"client": tx_client, "server": tx_server}
         split.check_devices()
+        unknown = set(trainable or ()) - set(T.PARTS)
+        if unknown:
+            raise ValueError(f"trainable: unknown parts {sorted(unknown)}; expected some of {T.PARTS}")
+        self.trainable_parts = tuple(T.PARTS if trainable is None else trainable)
+        self.is_trainable = lambda path: T.part_of(path) in self.trainable_parts
         boxed_like = boxed_like if boxed_like is not None else params
         plain = nn.meta.unbox(params)
         if split.mode == "meshes":
-            self.meshes = dict(zip(("client", "server"), make_meshes(split), strict=True))
+            self.meshes = dict(zip(HALVES, make_meshes(split), strict=True))
         else:
             mesh = sharding.make_mesh(split.client_mesh)
             self.meshes = {"client": mesh, "server": mesh}
-        self.param_shardings = {half: sharding.param_shardings(boxed_like[half], self.meshes[half])
-                                for half in ("client", "server")}
+        self.abstract = _is_abstract(plain)
         self.state, self.state_shardings = {}, {}
-        for half in ("client", "server"):
+        for half in HALVES:
+            shardings = sharding.param_shardings(boxed_like[half], self.meshes[half])
+            trainable_sh, frozen_sh = partition(shardings, self.is_trainable)
+            trainable_p, frozen_p = partition(plain[half], self.is_trainable)
             with jax.set_mesh(self.meshes[half]):
-                p = jax.device_put(plain[half], self.param_shardings[half])
-                opt = jax.jit(self.tx[half].init)(p)
-                self.state[half] = HalfState(p, opt)
-                self.state_shardings[half] = jax.tree.map(lambda a: a.sharding, self.state[half])
+                opt_shapes = jax.eval_shape(self.tx[half].init, trainable_p)
+                opt_sh = optimizer_state_shardings(opt_shapes, trainable_p, trainable_sh, self.meshes[half])
+                if self.abstract:
+                    place = lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s)
+                    trainable_p = jax.tree.map(place, trainable_p, trainable_sh)
+                    frozen_p = jax.tree.map(place, frozen_p, frozen_sh)
+                    opt = jax.tree.map(place, opt_shapes, opt_sh)
+                else:
+                    trainable_p = jax.device_put(trainable_p, trainable_sh)
+                    frozen_p = jax.device_put(frozen_p, frozen_sh)
+                    opt = jax.jit(self.tx[half].init, out_shardings=opt_sh)(trainable_p)
+            self.state[half] = HalfState(trainable_p, frozen_p, opt)
+            self.state_shardings[half] = jax.tree.map(lambda a: a.sharding, self.state[half])
         self._build()
 
-    def _pin(self, half: str, state: HalfState) -> HalfState:
+    def _pin(self, half: str, trainable, opt_state):
         # Pin each updated state to the shardings it started with: otherwise the first step may return
         # e.g. P() where P(None, None) went in, and every step function would compile a second time.
-        return jax.lax.with_sharding_constraint(state, self.state_shardings[half])
+        target = self.state_shardings[half]
+        return (jax.lax.with_sharding_constraint(trainable, target.trainable),
+                jax.lax.with_sharding_constraint(opt_state, target.opt_state))
 
     # -- step functions --------------------------------------------------------------------------------
     def _client_fn(self, params, batch):
@@ -190,79 +276,117 @@ class SplitTrainer:
                                  uplink.labels, method=T.TinyLlavaServer.loss)
         return loss, aux
 
+    def _update(self, half: str, grads, trainable, opt_state):
+        updates, opt_state = self.tx[half].update(grads, opt_state, trainable)
+        return self._pin(half, optax.apply_updates(trainable, updates), opt_state)
+
     def _build(self):
         cfg = self.model_config
         downlink = self.split.downlink
 
-        def client_forward(params, batch):
-            (q, vjp, uplink) = jax.vjp(lambda p: self._client_fn(p, batch), params, has_aux=True)
+        def client_forward(trainable, frozen, batch):
+            client_fn = lambda t: self._client_fn(combine(t, frozen), batch)
+            (q, vjp, uplink) = jax.vjp(client_fn, trainable, has_aux=True)
             return uplink, q[2], vjp
 
-        def server_step(state_params, opt_state, uplink):
+        def server_step(trainable, frozen, opt_state, uplink):
             server = T.TinyLlavaServer(cfg, self.dtype)
-            q_image, text = server.apply({"params": state_params}, uplink, method=T.TinyLlavaServer.dequantize)
+            params = combine(trainable, frozen)
+            q_image, text = server.apply({"params": params}, uplink, method=T.TinyLlavaServer.dequantize)
             q_text = text if cfg.quantized_text else None
-            grad_fn = jax.value_and_grad(self._server_loss, argnums=(0, 1, 2), has_aux=True)
-            (loss, aux), (g_params, g_image, g_text) = grad_fn(state_params, q_image, q_text, uplink)
-            updates, opt_state = self.tx["server"].update(g_params, opt_state, state_params)
-            new = self._pin("server", HalfState(optax.apply_updates(state_params, updates), opt_state))
-            return new.params, new.opt_state, loss, aux, compress_downlink(downlink, (g_image, g_text))
+            loss_fn = lambda t, qi, qt: self._server_loss(combine(t, frozen), qi, qt, uplink)
+            grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+            (loss, aux), (g_params, g_image, g_text) = grad_fn(trainable, q_image, q_text)
+            trainable, opt_state = self._update("server", g_params, trainable, opt_state)
+            return trainable, opt_state, loss, aux, compress_downlink(downlink, (g_image, g_text))
 
-        def client_update(params, opt_state, vjp, downlink_payloads):
+        def client_update(trainable, opt_state, vjp, downlink_payloads):
             g_image, g_text = decompress_downlink(downlink, downlink_payloads)
             (grads,) = vjp((g_image, g_text, jnp.ones((), jnp.float32)))
-            updates, opt_state = self.tx["client"].update(grads, opt_state, params)
-            new = self._pin("client", HalfState(optax.apply_updates(params, updates), opt_state))
-            return new.params, new.opt_state
+            return self._update("client", grads, trainable, opt_state)
 
-        def single_step(client, server, batch):
+        def single_step(client_trainable, client_frozen, client_opt, server_trainable, server_frozen, server_opt,
+                        batch):
             def total(c, s):
-                loss, aux = T.TinyLlava(cfg, self.dtype).apply({"params": {"client": c, "server": s}},
-                                                               *(batch[k] for k in MODEL_KEYS))
-                return loss, aux
+                params = {"client": combine(c, client_frozen), "server": combine(s, server_frozen)}
+                return T.TinyLlava(cfg, self.dtype).apply({"params": params}, *(batch[k] for k in MODEL_KEYS))
 
             (loss, aux), (g_client, g_server) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(
-                client.params, server.params)
-            new = {}
-            for half, g, st in (("client", g_client, client), ("server", g_server, server)):
-                updates, opt = self.tx[half].update(g, st.opt_state, st.params)
-                new[half] = self._pin(half, HalfState(optax.apply_updates(st.params, updates), opt))
-            return new["client"], new["server"], loss - aux["commitment_loss"], aux
+                client_trainable, server_trainable)
+            client = self._update("client", g_client, client_trainable, client_opt)
+            server = self._update("server", g_server, server_trainable, server_opt)
+            return *client, *server, loss - aux["commitment_loss"], aux
 
         self._client_forward = jax.jit(client_forward)
-        self._server_step = jax.jit(server_step, donate_argnums=(0, 1))
+        self._server_step = jax.jit(server_step, donate_argnums=(0, 2))
         # No donation here: the vjp's residuals may alias the client parameters.
         self._client_update = jax.jit(client_update)
-        self._single_step = jax.jit(single_step, donate_argnums=(0, 1))
+        self._single_step = jax.jit(single_step, donate_argnums=(0, 2, 3, 5))
+
+    def _single_args(self, state=None) -> tuple:
+        client, server = (state or self.state)["client"], (state or self.state)["server"]
+        return (client.trainable, client.frozen, client.opt_state, server.trainable, server.frozen, server.opt_state)
 
     def step(self, batch: dict) -> dict:
         """One training step on a host batch (numpy). Returns metrics: ce_loss, commitment_loss,
         uplink_bytes, downlink_bytes (exact, from the payloads), as device scalars / Python ints."""
+        if self.abstract:
+            raise RuntimeError("this trainer was built from shapes only (jax.ShapeDtypeStruct): it can "
+                               "compile_steps but not run them")
         model_batch = {k: batch[k] for k in MODEL_KEYS}
+        client, server = self.state["client"], self.state["server"]
         if self.split.mode == "single":
             data = to_mesh(model_batch, self.meshes["client"])
             with jax.set_mesh(self.meshes["client"]):
-                c, s, ce, aux = self._single_step(self.state["client"], self.state["server"], data)
-            self.state = {"client": c, "server": s}
+                c_train, c_opt, s_train, s_opt, ce, aux = self._single_step(*self._single_args(), data)
+            self.state = {"client": HalfState(c_train, client.frozen, c_opt),
+                          "server": HalfState(s_train, server.frozen, s_opt)}
             return {"ce_loss": ce, "commitment_loss": aux["commitment_loss"],
                     "uplink_bytes": int(aux["uplink_bytes"]), "downlink_bytes": 0}
-        client, server = self.state["client"], self.state["server"]
         data = to_mesh(model_batch, self.meshes["client"])
         with jax.transfer_guard("disallow"):
             with jax.set_mesh(self.meshes["client"]):
-                uplink, commitment, vjp = self._client_forward(client.params, data)
+                uplink, commitment, vjp = self._client_forward(client.trainable, client.frozen, data)
             uplink_server = to_mesh(uplink, self.meshes["server"])
             with jax.set_mesh(self.meshes["server"]):
-                s_params, s_opt, ce, aux, downlink = self._server_step(server.params, server.opt_state,
-                                                                       uplink_server)
+                s_train, s_opt, ce, aux, downlink = self._server_step(server.trainable, server.frozen,
+                                                                      server.opt_state, uplink_server)
             downlink_client = to_mesh(downlink, self.meshes["client"])
             with jax.set_mesh(self.meshes["client"]):
-                c_params, c_opt = self._client_update(client.params, client.opt_state, vjp, downlink_client)
-        self.state = {"client": HalfState(c_params, c_opt), "server": HalfState(s_params, s_opt)}
+                c_train, c_opt = self._client_update(client.trainable, client.opt_state, vjp, downlink_client)
+        self.state = {"client": HalfState(c_train, client.frozen, c_opt),
+                      "server": HalfState(s_train, server.frozen, s_opt)}
         return {"ce_loss": ce, "commitment_loss": commitment, "uplink_bytes": uplink.nbytes,
                 "downlink_bytes": downlink_nbytes(downlink)}
 
+    def compile_steps(self, batch: dict) -> dict[str, Any]:
+        """Ahead-of-time compiled step functions for a batch of this shape (arrays or ShapeDtypeStructs):
+        {"client_forward", "server_step", "client_update"} in meshes mode, {"single_step"} in single mode.
+        Their `memory_analysis()` and `cost_analysis()` give per-device bytes and FLOPs; nothing runs."""
+        model_batch = {k: jax.ShapeDtypeStruct(batch[k].shape, batch[k].dtype) for k in MODEL_KEYS}
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.state)
+        client, server = state["client"], state["server"]
+        data = _abstract_on(model_batch, self.meshes["client"])
+        if self.split.mode == "single":
+            with jax.set_mesh(self.meshes["client"]):
+                return {"single_step": self._single_step.lower(*self._single_args(state), data).compile()}
+        with jax.set_mesh(self.meshes["client"]):
+            forward = self._client_forward.lower(client.trainable, client.frozen, data).compile()
+        out_shapes = jax.eval_shape(self._client_forward, client.trainable, client.frozen, data)
+        # By leaves: the vjp's static part (its jaxpr) differs between two traces of the same function.
+        placed = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in
+                  zip(jax.tree.leaves(out_shapes), jax.tree.leaves(forward.output_shardings), strict=True)]
+        uplink, _, vjp = jax.tree.unflatten(jax.tree.structure(out_shapes), placed)
+        with jax.set_mesh(self.meshes["server"]):
+            server_args = (server.trainable, server.frozen, server.opt_state,
+                           _abstract_on(uplink, self.meshes["server"]))
+            step = self._server_step.lower(*server_args).compile()
+        downlink = jax.eval_shape(self._server_step, *server_args)[4]
+        with jax.set_mesh(self.meshes["client"]):
+            update = self._client_update.lower(client.trainable, client.opt_state, vjp,
+                                               _abstract_on(downlink, self.meshes["client"])).compile()
+        return {"client_forward": forward, "server_step": step, "client_update": update}
+
     def params(self) -> dict:
         """{"client", "server"} parameters, each on its own mesh."""
-        return {"client": self.state["client"].params, "server": self.state["server"].params}
-
+        return {half: self.state[half].params for half in HALVES}
