@@ -38,6 +38,9 @@ _copy = (lambda w: w, lambda w: w)
 _linear = (lambda w: w.T, lambda w: w.T)
 _conv = (lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
 SIGLIP_PREFIXES = ("vision_model.", "")
+EXPORT_NOTE = "qtl_jax.json"  # what export_tinyllava writes beside the Hugging Face folders
+COMPRESSORS_FILE = "compressors.safetensors"
+CLIENT_EMBEDDINGS_FILE = "client_token_embeddings.safetensors"
 OPENELM_PREFIXES = ("transformer.", "")
 
 
@@ -330,8 +333,9 @@ def load_tinyllava(path: str, config) -> dict:
     Returns:
       A partial parameter tree: client {vision_tower, connector, token_embeddings (quantized_embeddings: the
       client's own copy: `client_token_embeddings.safetensors` when the folder has one, as our export
-      writes, else the LM's)} and server {language_model}. The compressors are new in
-      this model and keep their initialisation: merge with `merge_params`.
+      writes, else the LM's)} and server {language_model}; from a qtl_jax export (`compressors.safetensors`)
+      also the compressors' in_proj (client) and out_proj (server). Elsewhere the compressors are new and keep
+      their initialisation: merge with `merge_params`.
     """
     path = _check_dir(path)
     parts = ("language_model", "vision_tower", "connector")
@@ -369,14 +373,29 @@ def load_tinyllava(path: str, config) -> dict:
     if config.quantized_text:
         # The client's own input embedding: from our export when it was trained apart from the server's tied
         # head, else a copy of the checkpoint's (the paper's initialisation).
-        own = os.path.join(path, "client_token_embeddings.safetensors")
+        own = os.path.join(path, CLIENT_EMBEDDINGS_FILE)
         embedding = (_read_safetensors(own)["token_embeddings.weight"] if os.path.isfile(own)
                      else lm_params["token_embeddings"]["embedding"].copy())
         want = lm_params["token_embeddings"]["embedding"].shape
         if embedding.shape != want:
             raise CheckpointError(f"{own}: token_embeddings.weight has shape {embedding.shape}, expected {want}")
         client["token_embeddings"] = {"embedding": embedding.astype(np.float32)}
-    return {"client": client, "server": {"language_model": lm_params}}
+    loaded = {"client": client, "server": {"language_model": lm_params}}
+    file = os.path.join(path, COMPRESSORS_FILE)
+    entries = compressor_entries(config)
+    if os.path.isfile(file) and entries:  # a qtl_jax export: the trained compressors too
+        from qtl_jax.compress import Compressor
+
+        dim = config.lm.model_dim
+        shapes = {"client": {}, "server": {}}
+        for modality, codec in (("image", config.image_codec), ("text", config.text_codec)):
+            proj = _expected_shapes(Compressor(codec, dim), np.zeros((1, 1, dim), np.float32))
+            shapes["client"][f"{modality}_compressor"] = {"in_proj": proj.get("in_proj")}
+            shapes["server"][f"{modality}_compressor"] = {"out_proj": proj.get("out_proj")}
+        compressors = import_params(_read_safetensors(file), entries, shapes, file, lambda k: False)
+        for half in ("client", "server"):
+            loaded[half].update(compressors.get(half, {}))
+    return loaded
 
 
 def merge_params(params: dict, loaded: dict, where: str = "params", ignore_extra: bool = False) -> dict:
@@ -401,13 +420,37 @@ def merge_params(params: dict, loaded: dict, where: str = "params", ignore_extra
     return out
 
 
+def compressor_entries(config) -> list[Entry]:
+    """Flax path (inside params) <-> key of `compressors.safetensors` for the projected codecs' Linear layers:
+    `{image,text}_compressor.in_proj.{weight,bias}` (client) and `...out_proj.{weight,bias}` (server), in
+    PyTorch's nn.Linear layout."""
+    entries: list[Entry] = []
+    for modality, codec in (("image", config.image_codec), ("text", config.text_codec)):
+        if not codec.projected or (modality == "text" and not config.quantized_text):
+            continue
+        for half, proj in (("client", "in_proj"), ("server", "out_proj")):
+            for p in ("kernel", "bias"):
+                entries.append(((half, f"{modality}_compressor", proj, p),
+                                f"{modality}_compressor.{proj}.{'weight' if p == 'kernel' else 'bias'}",
+                                *(_linear if p == "kernel" else _copy)))
+    return entries
+
+
 def export_tinyllava(params: dict, config, path: str) -> None:
-    """Writes the trained model as a TinyLLaVA-style folder with `language_model/`, `vision_tower/` and
-    `connector/` subfolders (each model.safetensors + config.json), plus `qtl_jax.json` describing what the
-    Hugging Face layout cannot hold: the compressors and, with quantized_embeddings, the fact that the
-    client's input embedding was trained apart from the server's tied output head (saved as
-    `client_token_embeddings.safetensors`)."""
+    """Writes everything needed to run the trained model, in the Hugging Face layout where there is one:
+
+      language_model/  vision_tower/  connector/     TinyLLaVA's stage folders (model.safetensors + config.json)
+      compressors.safetensors    the compressors' in_proj (client) and out_proj (server), nn.Linear layout;
+                                 the language model was trained on out_proj(q) rows, so it is part of the model
+      client_token_embeddings.safetensors   (quantized_embeddings) the client's input embedding, trained apart
+                                 from the server's tied output head
+      qtl_jax.json               the codec settings (name, bits, options), text transport, commitment weight
+                                 and how the pieces fit together
+
+    `load_export(path)` rebuilds the same model (config and parameters) from the folder."""
     from safetensors.numpy import save_file
+
+    from qtl_jax.compress import codec_to_dict
 
     params = nn.meta.unbox(params)
     export_openelm(params["server"]["language_model"], config.lm, os.path.join(path, "language_model"))
@@ -416,10 +459,51 @@ def export_tinyllava(params: dict, config, path: str) -> None:
                 export_tensors(params["client"]["connector"], connector_entries()),
                 {"connector_type": "mlp2x_gelu", "hidden_size": config.lm.model_dim,
                  "vision_hidden_size": config.vision.width})
-    note = {"image_codec": repr(config.image_codec), "text_codec": repr(config.text_codec),
-            "text_transport": config.text_transport, "untied_client_embedding": config.quantized_text}
+    entries = compressor_entries(config)
+    if entries:
+        save_file(export_tensors(params, entries), os.path.join(path, COMPRESSORS_FILE))
     if config.quantized_text:
         save_file({"token_embeddings.weight": np.asarray(params["client"]["token_embeddings"]["embedding"])},
-                  os.path.join(path, "client_token_embeddings.safetensors"))
-    with open(os.path.join(path, "qtl_jax.json"), "w") as f:
+                  os.path.join(path, CLIENT_EMBEDDINGS_FILE))
+    note = {
+        "format_version": 1,
+        "image_codec": codec_to_dict(config.image_codec), "text_codec": codec_to_dict(config.text_codec),
+        "text_transport": config.text_transport, "commitment_weight": config.commitment_weight,
+        "untied_client_embedding": config.quantized_text,
+        # The tower as trained: vision_tower/ holds only the layers it runs (depth - 1 for select_layer -2).
+        "vision": {"depth": config.vision.depth, "select_layer": config.vision.select_layer,
+                   "select": config.vision.select},
+        "pipeline": "client: vision_tower (hidden state before the last layer, token 0 dropped) -> connector -> "
+                    "image_compressor.in_proj -> codec quantize; text: client_token_embeddings -> "
+                    "text_compressor.in_proj -> codec quantize. server: codec dequantize -> *_compressor.out_proj "
+                    "-> rows spliced at the image placeholder -> language_model",
+    }
+    with open(os.path.join(path, EXPORT_NOTE + ".tmp"), "w") as f:
         json.dump(note, f, indent=2)
+    os.replace(os.path.join(path, EXPORT_NOTE + ".tmp"), os.path.join(path, EXPORT_NOTE))
+
+
+def load_export(path: str):
+    """(TinyLlavaConfig, {"client", "server"} params) of a folder written by `export_tinyllava`."""
+    from qtl_jax.compress import codec_from_dict
+    from qtl_jax.models.openelm import OpenELMConfig
+    from qtl_jax.models.tinyllava import TinyLlava, TinyLlavaConfig
+
+    note_file = os.path.join(_check_dir(path), EXPORT_NOTE)
+    if not os.path.isfile(note_file):
+        raise FileNotFoundError(f"{path!r} has no {EXPORT_NOTE}: not a qtl_jax export")
+    with open(note_file) as f:
+        note = json.load(f)
+    vision_dir, lm_dir = os.path.join(path, "vision_tower"), os.path.join(path, "language_model")
+    config = TinyLlavaConfig(
+        vision=siglip_config_from_hf(read_config(vision_dir), os.path.join(vision_dir, "config.json"),
+                                     **note["vision"]),
+        lm=OpenELMConfig.from_hf(read_config(lm_dir), os.path.join(lm_dir, "config.json")),
+        image_codec=codec_from_dict(note["image_codec"]), text_codec=codec_from_dict(note["text_codec"]),
+        text_transport=note["text_transport"], commitment_weight=note["commitment_weight"])
+    size = config.vision.image_size
+    ids = np.ones((1, 4), np.int32)
+    example = (np.zeros((1, size, size, 3), np.float32), ids, np.ones((1, 4), bool), ids)
+    params = nn.meta.unbox(jax.eval_shape(TinyLlava(config).init, jax.random.key(0), *example))["params"]
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), params)
+    return config, merge_params(params, load_tinyllava(path, config))

@@ -24,21 +24,60 @@ def exported(tmp_path_factory):
 
 
 def _assert_loaded_equal(loaded, params, client_embedding_from_lm=False):
+    """A plain TinyLLaVA checkpoint (client_embedding_from_lm) has no compressors; our export has them."""
     merged = convert.merge_params(params, loaded)
     if client_embedding_from_lm:  # a plain TinyLLaVA checkpoint: the client's copy starts as the LM's table
         lm_table = params["server"]["language_model"]["token_embeddings"]["embedding"]
         np.testing.assert_array_equal(merged["client"]["token_embeddings"]["embedding"], lm_table)
         merged["client"]["token_embeddings"] = params["client"]["token_embeddings"]
     jax.tree.map(np.testing.assert_array_equal, merged, params)
-    assert set(loaded["client"]) == {"vision_tower", "connector", "token_embeddings"}
-    assert set(loaded["server"]) == {"language_model"}
+    compressors = set() if client_embedding_from_lm else {"image_compressor", "text_compressor"}
+    assert set(loaded["client"]) == {"vision_tower", "connector", "token_embeddings"} | compressors
+    assert set(loaded["server"]) == {"language_model"} | compressors
 
 
 def test_stage_folders_round_trip(exported):
     cfg, params, path = exported
     assert sorted(p.name for p in path.iterdir()) == [
-        "client_token_embeddings.safetensors", "connector", "language_model", "qtl_jax.json", "vision_tower"]
+        "client_token_embeddings.safetensors", "compressors.safetensors", "connector", "language_model",
+        "qtl_jax.json", "vision_tower"]
     _assert_loaded_equal(convert.load_tinyllava(str(path), cfg), params)
+
+
+class _IdTokenizer:
+    """Answers as their token ids (no stop): enough to compare generations token for token."""
+
+    bos_id, eos_id, pad_id = 1, -1, 0
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize(("name", "transport"), [("rd_fsq", "quantized_embeddings"), ("nf", "token_ids")])
+def test_export_then_import_rebuilds_the_model_and_its_answers(tmp_path, name, transport):
+    from qtl_jax.evaluate import Answerer
+
+    from .test_tinyllava import batch
+
+    cfg = micro(name, transport)
+    params = jax.tree.map(lambda x: x + 0.01 * np.sign(x), init(cfg))  # trained-looking: no zero biases left
+    convert.export_tinyllava(params, cfg, str(tmp_path))
+    back_cfg, back = convert.load_export(str(tmp_path))
+    assert back_cfg == cfg
+    jax.tree.map(np.testing.assert_array_equal, back, params)  # compressors included
+    images, ids, _, _ = batch()
+    prompts = [ids[0][:4], ids[1][:6]]
+    answers = [Answerer(c, p, _IdTokenizer()).answer(images, prompts, 10, max_new_tokens=6)
+               for c, p in ((cfg, params), (back_cfg, back))]
+    assert answers[0] == answers[1] and len(answers[0][0].split()) == 6
+    # Before this export held the compressors, a re-import got fresh random ones: other answers.
+    fresh = convert.merge_params(init(cfg), convert.load_tinyllava(str(tmp_path), cfg))
+    for half in ("client", "server"):
+        for part in ("image_compressor", "text_compressor"):
+            if part in fresh[half]:
+                fresh[half][part] = init(cfg)[half][part]
+    if cfg.image_codec.projected:
+        assert Answerer(cfg, fresh, _IdTokenizer()).answer(images, prompts, 10, 6) != answers[0]
 
 
 def test_full_single_file_checkpoint(exported, tmp_path):
