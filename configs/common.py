@@ -47,17 +47,26 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.data.shapes_config = "tiny"  # Shapes-VQA variant: tiny | smoke (tests) | paper_size
     c.data.annotation_file = "" if tiny else (
         "data/blip_laion_cc_sbu_558k.json" if stage == "pretrain" else "data/llava_v1_5_mix665k.json")
-    c.data.image_root = "" if tiny else "data/images"
+    # The folder the annotation file's image paths are relative to (the paper's stages use different ones).
+    c.data.image_root = "" if tiny else ("data/llava_pretrain/images" if stage == "pretrain" else "data/images")
     c.data.tokenizer = ""  # tokenizer folder; empty = the built-in dataset's (paper: the Llama-2 tokenizer)
     c.data.template = "pretrain" if stage == "pretrain" else "llama"
     c.data.max_length = 512 if tiny else 2048  # text tokens + image rows
     c.data.buckets = (32, 48, 64) if tiny else (64, 128, 256, 512, 1024, 1344)  # padded text lengths
     c.data.worker_count = 0
-    c.data.on_bad_sample = "fail"  # or "skip"
+    # "fail" stops at the first bad sample, naming it; "skip" leaves it out and reports it (summary.json).
+    c.data.on_bad_sample = "fail"
+    # Question/answer files evaluated at the end of stage 2: "NAME=FILE[,NAME=FILE...]", LLaVA format with the
+    # reference answer as the last turn; answers and scores go to WORKDIR/finetune/eval/.
+    c.data.eval_files = ""
+    c.data.eval_image_root = ""  # their image paths' folder; empty = data.image_root, else each file's folder
 
     c.model = ml_collections.ConfigDict()
     c.model.size = preset  # "tiny" or "paper"
     c.model.dtype = "float32" if tiny else "bfloat16"  # compute dtype
+    # "pretrained": SigLIP and OpenELM from the checkpoint folders below (the paper); "random": random weights,
+    # no folder read (tiny; also how the paper-size path runs without checkpoints, e.g. for benchmarks).
+    c.model.init = "random" if tiny else "pretrained"
     c.model.siglip_checkpoint = "" if tiny else "checkpoints/siglip-so400m-patch14-384"
     c.model.openelm_checkpoint = "" if tiny else "checkpoints/OpenELM-270M-Instruct"
     c.model.tinyllava_checkpoint = ""  # a full TinyLLaVA checkpoint instead of the two above

@@ -30,6 +30,16 @@ class MetricWriter:
                 if isinstance(v, int | float):
                     self._tb.add_scalar(k, v, step)
 
+    def truncate(self, step: int) -> None:
+        """Drops this stage's records after `step` (a resumed run logs those steps again); atomic."""
+        records = read_metrics(os.path.dirname(self.path))
+        keep = [r for r in records if r.get("stage") != self.stage or r["step"] <= step]
+        if len(keep) == len(records):
+            return
+        with open(self.path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in keep)
+        os.replace(self.path + ".tmp", self.path)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

@@ -1,7 +1,11 @@
-"""The real trainer end to end on the tiny preset (both modes, both stages, a few steps), resume, bad configs."""
+"""The real trainer end to end on the tiny preset: both stages in meshes mode, evaluation in a fresh process,
+own LLaVA-format data with skipped samples, resume (config check, metrics, stop_after), bad configs."""
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -9,12 +13,15 @@ import pytest
 
 from configs.finetune import get_config as finetune_config
 from configs.pretrain import get_config as pretrain_config
-from qtl_jax import trainer
+from qtl_jax import checkpoint, evaluate, probe, trainer
+from qtl_jax.data import builders, tokenizer
 from qtl_jax.metrics import read_metrics
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-def _config(tmp_path_factory, stage="finetune", **overrides):
-    config = (finetune_config if stage == "finetune" else pretrain_config)()
+
+def _config(tmp_path_factory, stage="finetune", arg=None, **overrides):
+    config = (finetune_config if stage == "finetune" else pretrain_config)(arg)
     config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")  # shared: generated once
     config.data.shapes_config = "smoke"
     config.optim.batch_size = 4
@@ -28,82 +35,212 @@ def _config(tmp_path_factory, stage="finetune", **overrides):
     config.split.server_mesh = (1, 2, 2)
     for key, value in overrides.items():
         section, _, field = key.rpartition(".")
-        (config[section] if section else config)[field] = value
+        node = config
+        for name in filter(None, section.split(".")):
+            node = node[name]
+        node[field] = value
     return config
 
 
-def test_both_stages_end_to_end_in_meshes_mode(tmp_path_factory, tmp_path):
-    summary = trainer.train_and_evaluate(_config(tmp_path_factory), str(tmp_path))
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Both stages, 3 steps each, meshes mode: (workdir, summary)."""
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, trainer.train_and_evaluate(_config(tmp_path_factory), str(workdir))
+
+
+def test_both_stages_end_to_end_in_meshes_mode(trained, tmp_path_factory):
+    workdir, summary = trained
     assert summary["stage"] == "finetune" and summary["steps"] == 3
     for split in ("validation", "test"):
         acc = summary[f"{split}_accuracy"]
         assert set(acc) >= {"all"} and all(0.0 <= v <= 1.0 for v in acc.values())
+        answers = (workdir / "finetune" / "eval" / f"{split}.answers.jsonl").read_text().splitlines()
+        assert len(answers) == 8  # eval.max_examples
+        scores = json.loads((workdir / "finetune" / "eval" / f"{split}.scores.json").read_text())
+        assert scores["accuracy"] == acc and scores["samples"] == 8
+        assert np.mean([json.loads(line)["correct"] for line in answers]) == acc["all"]
     # RD-FSQ 2-bit: 1/8 of fp16 for the feature rows, plus the small metadata (positions, lengths, labels).
     assert 0.125 < summary["uplink_ratio_to_fp16"] < 0.16
     assert summary["downlink_bytes_per_sample"] > summary["uplink_bytes_per_sample"]  # fp32 gradients
-    stages = json.loads((tmp_path / "summary.json").read_text())
+    stages = json.loads((workdir / "summary.json").read_text())
     assert [s["stage"] for s in stages] == ["pretrain", "finetune"]
-    records = read_metrics(str(tmp_path / "finetune"))
+    records = read_metrics(str(workdir / "finetune"))
     assert [r["step"] for r in records if "ce_loss" in r] == [1, 2, 3]
     assert all(np.isfinite(r["ce_loss"]) for r in records if "ce_loss" in r)
-    assert os.path.isdir(tmp_path / "pretrain" / "checkpoints" / "3")  # stage 1 capped at max_steps too
-    # The trained model is exported in the Hugging Face layout and loads back.
+    assert os.path.isdir(workdir / "pretrain" / "checkpoints" / "3")  # stage 1 capped at max_steps too
+    # Every folder records the config it ran with: the whole recipe's, and each stage's own.
+    full = checkpoint.load_config(str(workdir))
+    assert full.stage1.optim.lr == 3e-4 and full.init_from == ""
+    assert checkpoint.load_config(str(workdir / "finetune")).init_from == str(workdir / "pretrain")
+    assert checkpoint.load_config(str(workdir / "pretrain")).data.template == "pretrain"
+    # The trained model is exported, compressors included, and loads back as the same model.
     from qtl_jax.models import convert
 
-    export = tmp_path / "finetune" / "export"
+    export = workdir / "finetune" / "export"
     assert sorted(p.name for p in export.iterdir()) == [
-        "client_token_embeddings.safetensors", "connector", "language_model", "qtl_jax.json", "vision_tower"]
-    _, lm = convert.load_openelm(str(export / "language_model"))
-    final = trainer.final_params(str(tmp_path / "finetune"))
-    np.testing.assert_array_equal(lm["norm"]["weight"], np.asarray(final["server"]["language_model"]["norm"]["weight"]))
+        "client_token_embeddings.safetensors", "compressors.safetensors", "connector", "language_model",
+        "qtl_jax.json", "vision_tower"]
+    _, params = convert.load_export(str(export))
+    jax.tree.map(np.testing.assert_array_equal, params, checkpoint.final_params(str(workdir / "finetune")))
 
 
-def test_single_mode_stage_two_from_a_stage_one_workdir(tmp_path_factory, tmp_path):
-    stage1 = tmp_path / "stage1"
-    trainer.train_and_evaluate(_config(tmp_path_factory, "pretrain", **{"split.mode": "single"}), str(stage1))
-    config = _config(tmp_path_factory, **{"split.mode": "single", "init_from": str(stage1 / "pretrain"),
-                                          "compressor.text_transport": "token_ids"})
-    summary = trainer.train_and_evaluate(config, str(tmp_path / "stage2"))
-    assert summary["steps"] == 3 and "test_accuracy" in summary
-    assert not (tmp_path / "stage2" / "pretrain").exists()  # stage 1 was not run again
+def _llava_file(records, path, image_dir, answers=True):
+    """Shapes-VQA records as a LLaVA-format JSON file with PNG images (what a user brings)."""
+    os.makedirs(image_dir, exist_ok=True)
+    samples = []
+    for r in records:
+        sample_id = r["id"].decode()
+        with open(os.path.join(image_dir, f"{sample_id}.png"), "wb") as f:
+            f.write(bytes(r["image"]))
+        conv = json.loads(r["conversations"])
+        samples.append({"id": sample_id, "image": f"{sample_id}.png", "question_type": r["question_type"].decode(),
+                        "conversations": conv if answers else conv[:-1]})
+    with open(path, "w") as f:
+        json.dump(samples, f)
+    return str(path)
+
+
+def test_evaluate_restores_the_run_in_a_fresh_process(trained, tmp_path, tmp_path_factory):
+    """`python -m qtl_jax.evaluate` on a LLaVA-format copy of the validation split gives the trainer's own
+    validation answers, from a process with 1 CPU device (the run was saved from 8)."""
+    workdir, summary = trained
+    source = builders.prepare_shapes(str(tmp_path_factory.getbasetemp() / "tfds"), "smoke")[0]
+    records = [source.as_data_source()["validation"][i] for i in range(8)]
+    file = _llava_file(records, tmp_path / "val.json", tmp_path / "images")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_")}
+    result = subprocess.run([sys.executable, "-m", "qtl_jax.evaluate", "--workdir", str(workdir), "--eval",
+                             f"mine={file}", "--image-root", str(tmp_path / "images")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    eval_dir = workdir / "finetune" / "eval"
+    mine = [json.loads(line) for line in (eval_dir / "mine.answers.jsonl").read_text().splitlines()]
+    own = [json.loads(line) for line in (eval_dir / "validation.answers.jsonl").read_text().splitlines()]
+    assert mine == own
+    assert json.loads((eval_dir / "mine.scores.json").read_text())["accuracy"] == summary["validation_accuracy"]
+
+
+def test_probe_reads_the_saved_config_and_validation_images_only(trained, capsys):
+    probe.main(["--workdir", str(trained[0])])
+    out = capsys.readouterr().out
+    assert "object tokens" in out and "quantized: colour" in out
+
+
+def test_own_llava_data_with_the_tiny_preset(tmp_path, tmp_path_factory, capsys):
+    """A user's LLaVA-format files: a word tokenizer built from them, stage 1 with bad samples skipped and
+    reported (over-long captions keep their place as empty rows: the step count is exact), stage 2 from it
+    with token ids on the wire and an evaluation file."""
+    splits = builders.prepare_shapes(str(tmp_path_factory.getbasetemp() / "tfds"), "smoke")[0].as_data_source()
+    take = lambda split, n: [splits[split][i] for i in range(n)]
+    captions = _llava_file(take("pretrain", 24), tmp_path / "captions.json", tmp_path / "images")
+    samples = json.loads(open(captions).read())
+    samples[3]["conversations"][1]["value"] = "a very " * 60 + "long caption"  # longer than the largest bucket
+    samples.append({"id": "lost", "image": "missing.png", "conversations": samples[0]["conversations"]})
+    with open(captions, "w") as f:
+        json.dump(samples, f)
+    qa = _llava_file(take("train", 16), tmp_path / "qa.json", tmp_path / "images")
+    held_out = _llava_file(take("validation", 8), tmp_path / "held_out.json", tmp_path / "images")
+    tokenizer.main(["--out", str(tmp_path / "tok"), captions, qa])
+    common = {"data.dataset": "llava", "data.tokenizer": str(tmp_path / "tok"), "data.image_root": str(tmp_path / "images"),
+              "data.on_bad_sample": "skip", "split.mode": "single", "optim.max_steps": 0, "optim.epochs": 1}
+    stage1 = _config(tmp_path_factory, "pretrain", **common, **{"data.annotation_file": captions,
+                                                                "data.buckets": (32, 48)})
+    summary = trainer.train_and_evaluate(stage1, str(tmp_path / "w1"))
+    assert summary["steps"] == 24 // 4 and summary["skipped_samples"] == 1  # 25 records, 1 lost at conversion
+    assert "text tokens exceed the largest bucket 48" in summary["skipped_reasons"][0]
+    assert "lost" in capsys.readouterr().out  # the conversion reported it
+    stage2 = _config(tmp_path_factory, **common, **{"data.annotation_file": qa, "init_from": str(tmp_path / "w1" / "pretrain"),
+                                                    "compressor.text_transport": "token_ids",
+                                                    "data.eval_files": f"held_out={held_out}"})
+    summary = trainer.train_and_evaluate(stage2, str(tmp_path / "w2"))
+    assert summary["steps"] == 4 and set(summary["held_out_accuracy"]) >= {"all"}
+    assert not (tmp_path / "w2" / "pretrain").exists()  # stage 1 was not run again
+    assert len((tmp_path / "w2" / "finetune" / "eval" / "held_out.answers.jsonl").read_text().splitlines()) == 8
 
 
 def _params(workdir):
-    return jax.tree.map(np.asarray, trainer.final_params(workdir))
+    return jax.tree.map(np.asarray, checkpoint.final_params(workdir))
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path_factory, tmp_path):
-    overrides = {"optim.max_steps": 4, "checkpoint_every": 100, "split.mode": "single"}
+    overrides = {"optim.max_steps": 4, "checkpoint_every": 2, "split.mode": "single"}
     full = _config(tmp_path_factory, "pretrain", **overrides)
     trainer.train_and_evaluate(full, str(tmp_path / "full"))
-    killed = _config(tmp_path_factory, "pretrain", **overrides, stop_after=2)
-    assert trainer.train_and_evaluate(killed, str(tmp_path / "resumed"))["interrupted"]
-    resumed = _config(tmp_path_factory, "pretrain", **overrides)
-    assert trainer.train_and_evaluate(resumed, str(tmp_path / "resumed"))["steps"] == 4
-    a, b = _params(str(tmp_path / "full" / "pretrain")), _params(str(tmp_path / "resumed" / "pretrain"))
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+    resumed_dir = tmp_path / "resumed"
+    killed = _config(tmp_path_factory, "pretrain", **overrides, stop_after=3)
+    assert trainer.train_and_evaluate(killed, str(resumed_dir))["interrupted"]
+    # The same command again stops where it is: no extra step.
+    assert trainer.train_and_evaluate(killed, str(resumed_dir))["steps"] == 3
+    assert checkpoint.manager(str(resumed_dir / "pretrain")).latest_step() == 3
+    # As if killed after logging step 3 but before its checkpoint: resume from step 2, log 3 again.
+    shutil.rmtree(resumed_dir / "pretrain" / "checkpoints" / "3")
+    # Another config in the same workdir is refused before any work, naming the fields ...
+    other = _config(tmp_path_factory, "pretrain", **overrides, **{"optim.lr": 1e-3, "data.buckets": (64,)})
+    with pytest.raises(ValueError, match=r"(?s)another config.*data\.buckets: saved \[32, 48, 64\], now \[64\].*"
+                                         r"optim\.lr: saved 0\.0003, now 0\.001"):
+        trainer.train_and_evaluate(other, str(resumed_dir))
+    # ... while stop_after, log and checkpoint cadence may change.
+    resumed = _config(tmp_path_factory, "pretrain", **overrides, log_every=2)
+    assert trainer.train_and_evaluate(resumed, str(resumed_dir))["steps"] == 4
+    a, b = _params(str(tmp_path / "full" / "pretrain")), _params(str(resumed_dir / "pretrain"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    steps = [r["step"] for r in read_metrics(str(resumed_dir / "pretrain")) if "ce_loss" in r]
+    assert steps == [1, 2, 4]  # step 3 was logged before the "kill", then dropped and not logged again (log 2)
 
 
-@pytest.mark.parametrize(("overrides", "error", "message"), [
-    ({"compressor.image": "vq"}, ValueError, "config.compressor.image: unknown compressor 'vq'"),
-    ({"compressor.bits": 9}, ValueError, r"config.compressor.bits must be in 1\.\.8"),
-    ({"split.server_mesh": (4, 2, 2)}, ValueError, "need 18 devices, only 8 available"),
-    ({"model.openelm_checkpoint": "/nonexistent/elm"}, FileNotFoundError, "config.model.openelm_checkpoint"),
-    ({"data.dataset": "llava", "data.annotation_file": "/nonexistent.json"}, FileNotFoundError,
+def test_stage_one_keeps_its_own_data_fields():
+    config = finetune_config("preset=paper")
+    config.stage1.data.image_root = "/data/llava_pretrain/images"
+    config.data.image_root = "/data/finetune/images"
+    config.data.data_dir = "/data/tfds"
+    config.compressor.bits = 3
+    stage1 = trainer.stage1_config(config)
+    assert stage1.data.image_root == "/data/llava_pretrain/images"
+    assert stage1.data.annotation_file == "data/blip_laion_cc_sbu_558k.json" and stage1.data.template == "pretrain"
+    assert stage1.data.data_dir == "/data/tfds" and stage1.compressor.bits == 3  # shared fields follow stage 2
+    assert stage1.optim.lr == 5e-4 and stage1.optim.trainable == ("connector", "compressors")
+
+
+@pytest.mark.parametrize(("arg", "overrides", "error", "message"), [
+    (None, {"compressor.image": "vq"}, ValueError, "config.compressor.image: unknown compressor 'vq'"),
+    (None, {"compressor.bits": 9}, ValueError, r"config.compressor.bits must be in 1\.\.8"),
+    (None, {"split.server_mesh": (4, 2, 2)}, ValueError, "need 18 devices, only 8 available"),
+    (None, {"model.init": "pretrained"}, ValueError, "config.model.init=pretrained needs"),
+    (None, {"model.init": "zeros"}, ValueError, "config.model.init must be one of"),
+    (None, {"model.init": "pretrained", "model.openelm_checkpoint": "/nonexistent/elm"}, FileNotFoundError,
+     "config.model.openelm_checkpoint"),
+    ("preset=paper", {}, FileNotFoundError,
+     "config.model.siglip_checkpoint: checkpoint folder .* does not exist .*model.init=random"),
+    ("preset=paper", {"model.init": "random"}, FileNotFoundError,
+     "config.data.annotation_file: 'data/llava_v1_5_mix665k.json' does not exist"),
+    (None, {"data.dataset": "llava", "data.annotation_file": "/nonexistent.json"}, FileNotFoundError,
      "config.data.annotation_file"),
-    ({"init_from": "/nonexistent/run"}, FileNotFoundError, "config.init_from"),
-    ({"optim.client_delay_ratio": 1.0}, ValueError, r"config.optim.client_delay_ratio must be in \[0, 1\), got 1.0"),
-    ({"optim.client_lr_scale": -0.1}, ValueError, "config.optim.client_lr_scale must be >= 0, got -0.1"),
+    # Stage 2's own data is there, stage 1's is not: the message names stage 1's field.
+    (None, {"data.dataset": "llava", "data.annotation_file": "EXISTING", "data.image_root": "EXISTING",
+            "data.tokenizer": "EXISTING", "stage1.data.annotation_file": "/nonexistent.json"}, FileNotFoundError,
+     "config.stage1.data.annotation_file: '/nonexistent.json' does not exist"),
+    (None, {"data.eval_files": "a.json"}, ValueError, "config.data.eval_files: expected NAME=FILE"),
+    (None, {"data.eval_files": "x=/nonexistent.json"}, FileNotFoundError, "config.data.eval_files: x="),
+    (None, {"init_from": "/nonexistent/run"}, FileNotFoundError, "config.init_from"),
+    (None, {"optim.client_delay_ratio": 1.0}, ValueError, r"config.optim.client_delay_ratio must be in \[0, 1\)"),
+    (None, {"optim.client_lr_scale": -0.1}, ValueError, "config.optim.client_lr_scale must be >= 0, got -0.1"),
+    (None, {"stage1.optim.accum_steps": 0}, ValueError, "config.stage1.optim.accum_steps must be >= 1"),
 ])
-def test_bad_config_fails_before_any_work(tmp_path_factory, tmp_path, overrides, error, message):
+def test_bad_config_fails_before_any_work(tmp_path_factory, tmp_path, arg, overrides, error, message):
+    (tmp_path / "data.json").write_text("[]")
+    existing = {"data.annotation_file": str(tmp_path / "data.json")}
+    overrides = {k: existing.get(k, str(tmp_path)) if v == "EXISTING" else v for k, v in overrides.items()}
+    config = _config(tmp_path_factory, arg=arg, **overrides)
     with pytest.raises(error, match=message):
-        trainer.train_and_evaluate(_config(tmp_path_factory, **overrides), str(tmp_path))
-    assert not (tmp_path / "finetune").exists() and not (tmp_path / "pretrain").exists()
+        trainer.train_and_evaluate(config, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
 
 
-def test_answer_normalisation():
-    assert trainer.normalize_answer(" The Red. ") == "red"
-    assert trainer.normalize_answer("a circle!") == "circle"
+def test_configs_are_importable_once_installed(tmp_path):
+    code = "import configs.finetune as f; c = f.get_config('preset=paper'); print(c.model.init, c.optim.accum_steps)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["pretrained", "2"]
 
 
 def test_lr_schedule_waits_then_warms_up_and_decays():
@@ -119,7 +256,7 @@ def test_client_waits_for_the_delay_while_the_server_trains():
     config.optim.client_delay_ratio, config.optim.warmup_ratio = 0.5, 0.0
     params = {"client": {"connector": {"kernel": np.ones((2, 2), np.float32)}},
               "server": {"language_model": {"kernel": np.ones((2, 2), np.float32)}}}
-    client_tx, server_tx = trainer.build_optimizers(config, params, num_steps=4)
+    client_tx, server_tx = trainer.build_optimizers(config, num_steps=4)
     grads = jax.tree.map(np.ones_like, params)
     state = {"client": client_tx.init(params["client"]), "server": server_tx.init(params["server"])}
     moved = []
@@ -137,7 +274,7 @@ def test_client_steps_are_client_lr_scale_times_the_servers():
     config.optim.client_delay_ratio, config.optim.client_lr_scale, config.optim.warmup_ratio = 0.0, 0.25, 0.0
     params = {"client": {"connector": {"bias": np.zeros(3, np.float32)}},
               "server": {"language_model": {"bias": np.zeros(3, np.float32)}}}
-    txs = dict(zip(("client", "server"), trainer.build_optimizers(config, params, num_steps=10), strict=True))
+    txs = dict(zip(("client", "server"), trainer.build_optimizers(config, num_steps=10), strict=True))
     steps = {}
     for half, tx in txs.items():
         state = tx.init(params[half])
@@ -146,3 +283,17 @@ def test_client_steps_are_client_lr_scale_times_the_servers():
         steps[half] = np.asarray(jax.tree.leaves(update)[0])
     np.testing.assert_allclose(steps["client"], 0.25 * steps["server"], rtol=1e-6)
     assert np.all(steps["server"] < 0)
+
+
+def test_weight_decay_only_on_matrices():
+    mask = trainer._decay_mask({"dense": {"kernel": np.ones((2, 2)), "bias": np.ones(2)},
+                                "norm": {"weight": np.ones(2)}, "emb": {"embedding": np.ones((3, 2))}})
+    assert mask == {"dense": {"kernel": True, "bias": False}, "norm": {"weight": False}, "emb": {"embedding": True}}
+
+
+def test_evaluation_finds_the_stage_folder(trained, tmp_path):
+    workdir, _ = trained
+    assert evaluate.find_stage(str(workdir)) == str(workdir / "finetune")
+    assert evaluate.find_stage(str(workdir / "pretrain")) == str(workdir / "pretrain")
+    with pytest.raises(FileNotFoundError, match="is a trained stage"):
+        evaluate.find_stage(str(tmp_path))

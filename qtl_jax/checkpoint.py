@@ -1,0 +1,136 @@
+"""What a run keeps on disk: orbax checkpoints of both halves and the config it ran with (SPEC §4.2).
+
+    STAGE_DIR/checkpoints/STEP/{client,server,meta}   each half's params and optimizer state, and
+                                                      {"step", "iterator" (base64), "totals"}
+    STAGE_DIR/config.json                             the stage's full config
+
+Saves are atomic (orbax writes a temporary folder and renames it). `restore_state` puts a checkpoint back
+onto the trainer's meshes; `final_params` reads a run's newest parameters onto the host from any process,
+whatever devices it was saved from. A rerun in the same stage folder resumes; `check_resume_config` first
+refuses a config that differs from the saved one in anything that changes the result, naming every field.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from qtl_jax.split.runtime import HALVES, HalfState, SplitTrainer, partition
+
+CONFIG_FILE = "config.json"
+# Fields a resumed run may change: they do not change what is computed, only when it stops, logs and saves.
+RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every")
+
+
+def manager(stage_dir: str, create: bool = True) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(stage_dir, "checkpoints")),
+        item_handlers={"client": ocp.StandardCheckpointHandler(), "server": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create))
+
+
+def _state_tree(trainer: SplitTrainer, half: str) -> dict:
+    st = trainer.state[half]
+    return {"params": st.params, "opt_state": st.opt_state}
+
+
+def save_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int, iterator_state: bytes,
+               totals: dict) -> None:
+    """Both halves (params and optimizer state), the data iterator position, the step and the running totals."""
+    ckpt.save(step, args=ocp.args.Composite(
+        client=ocp.args.StandardSave(_state_tree(trainer, "client")),
+        server=ocp.args.StandardSave(_state_tree(trainer, "server")),
+        meta=ocp.args.JsonSave({"step": step, "iterator": base64.b64encode(iterator_state).decode(),
+                                "totals": totals})))
+    ckpt.wait_until_finished()
+
+
+def restore_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int) -> tuple[bytes, dict]:
+    """Puts both halves back on their meshes; returns (iterator state bytes, totals)."""
+    abstract = {h: jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(trainer, h)) for h in HALVES}
+    r = ckpt.restore(step, args=ocp.args.Composite(
+        client=ocp.args.StandardRestore(abstract["client"]), server=ocp.args.StandardRestore(abstract["server"]),
+        meta=ocp.args.JsonRestore()))
+    for half in HALVES:
+        trainable, frozen = partition(r[half]["params"], trainer.is_trainable)
+        trainer.state[half] = HalfState(trainable, frozen, r[half]["opt_state"])
+    return base64.b64decode(r.meta["iterator"]), r.meta["totals"]
+
+
+def final_params(stage_dir: str) -> dict:
+    """The {"client", "server"} parameters of a stage folder's newest checkpoint, as host arrays.
+
+    Works from any process: the arrays are read onto one local device, whatever mesh saved them, and the
+    optimizer states are not read at all."""
+    path = os.path.abspath(os.path.join(stage_dir, "checkpoints"))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{stage_dir}: no checkpoint (expected {path}/STEP)")
+    handlers = {"meta": ocp.JsonCheckpointHandler(), **{h: ocp.PyTreeCheckpointHandler() for h in HALVES}}
+    ckpt = ocp.CheckpointManager(path, item_handlers=handlers)
+    step = ckpt.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{stage_dir}: no checkpoint (expected {path}/STEP)")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = ckpt.item_metadata(step)
+    args = {}
+    for half in HALVES:
+        item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                       metadata[half]["params"])}
+        args[half] = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                            partial_restore=True)
+    restored = ckpt.restore(step, args=ocp.args.Composite(**args))
+    return jax.device_get({half: restored[half]["params"] for half in HALVES})
+
+
+# ------------------------------------------------------------------------------------------------- config
+def save_config(stage_dir: str, config: ml_collections.ConfigDict) -> None:
+    """Writes the stage's config as JSON (via a temporary file, then an atomic rename)."""
+    os.makedirs(stage_dir, exist_ok=True)
+    path = os.path.join(stage_dir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)
+
+
+def load_config(stage_dir: str) -> ml_collections.ConfigDict:
+    """The config a stage folder was trained with (FileNotFoundError naming the folder if it has none)."""
+    path = os.path.join(stage_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{stage_dir} holds no {CONFIG_FILE}: not the folder of a training stage "
+                                f"(expected e.g. WORKDIR/finetune)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: ml_collections.ConfigDict, current: ml_collections.ConfigDict,
+                       ignore: tuple[str, ...] = RESUMABLE_FIELDS) -> list[str]:
+    """'field: saved X, now Y' for every field (dotted path) that differs, tuples and lists alike."""
+    as_json = lambda c: _flat(json.loads(c.to_json()))
+    a, b = as_json(saved), as_json(current)
+    return [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
+
+
+def check_resume_config(stage_dir: str, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError when a stage folder with checkpoints was trained with another config."""
+    differences = config_differences(load_config(stage_dir), config)
+    if differences:
+        raise ValueError(f"{stage_dir} holds a run with another config; resuming it with this one would mix "
+                         f"the two. Differing fields:\n  " + "\n  ".join(differences)
+                         + f"\nUse another --workdir, or the saved config ({stage_dir}/{CONFIG_FILE}).")
