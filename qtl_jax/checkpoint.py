@@ -23,8 +23,22 @@ import orbax.checkpoint as ocp
 from qtl_jax.split.runtime import HALVES, HalfState, SplitTrainer, partition
 
 CONFIG_FILE = "config.json"
-# Fields a resumed run may change: they do not change what is computed, only when it stops, logs and saves.
-RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every")
+# Fields a resumed run may change: they change when it stops, logs and saves, and what it evaluates at the end,
+# not what it trains. A field ending in "." stands for its whole section.
+RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every", "eval.", "data.eval_files",
+                    "data.eval_image_root")
+
+
+def latest_step(stage_dir: str) -> int | None:
+    """The newest checkpointed step of a stage folder, None when it has none (nothing is created)."""
+    path = os.path.abspath(os.path.join(stage_dir, "checkpoints"))
+    if not os.path.isdir(path):
+        return None
+    ckpt = ocp.CheckpointManager(path)
+    try:
+        return ckpt.latest_step()
+    finally:
+        ckpt.close()
 
 
 def manager(stage_dir: str, create: bool = True) -> ocp.CheckpointManager:
@@ -41,22 +55,29 @@ def _state_tree(trainer: SplitTrainer, half: str) -> dict:
 
 
 def save_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int, iterator_state: bytes,
-               totals: dict) -> None:
-    """Both halves (params and optimizer state), the data iterator position, the step and the running totals."""
+               totals: dict, data: dict) -> None:
+    """Both halves (params and optimizer state), the data iterator position, the step, the running totals and
+    what the iterator runs over (`data`: the converted dataset's name and record count)."""
     ckpt.save(step, args=ocp.args.Composite(
         client=ocp.args.StandardSave(_state_tree(trainer, "client")),
         server=ocp.args.StandardSave(_state_tree(trainer, "server")),
         meta=ocp.args.JsonSave({"step": step, "iterator": base64.b64encode(iterator_state).decode(),
-                                "totals": totals})))
+                                "totals": totals, "data": data})))
     ckpt.wait_until_finished()
 
 
-def restore_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int) -> tuple[bytes, dict]:
-    """Puts both halves back on their meshes; returns (iterator state bytes, totals)."""
+def restore_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int,
+                  data: dict) -> tuple[bytes, dict]:
+    """Puts both halves back on their meshes; returns (iterator state bytes, totals). Raises ValueError when
+    the checkpoint's iterator ran over other data than `data` (an edited annotation file, converted anew):
+    its position would point into different records."""
     abstract = {h: jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(trainer, h)) for h in HALVES}
     r = ckpt.restore(step, args=ocp.args.Composite(
         client=ocp.args.StandardRestore(abstract["client"]), server=ocp.args.StandardRestore(abstract["server"]),
         meta=ocp.args.JsonRestore()))
+    if r.meta.get("data", data) != data:
+        raise ValueError(f"{ckpt.directory}: step {step} was trained on {r.meta['data']}, the data is now {data}; "
+                         f"the saved data position does not apply. Use another --workdir or the original data.")
     for half in HALVES:
         trainable, frozen = partition(r[half]["params"], trainer.is_trainable)
         trainer.state[half] = HalfState(trainable, frozen, r[half]["opt_state"])
@@ -84,13 +105,18 @@ def final_params(stage_dir: str) -> dict:
                                        metadata[half]["params"])}
         args[half] = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                             partial_restore=True)
-    restored = ckpt.restore(step, args=ocp.args.Composite(**args))
+    try:
+        restored = ckpt.restore(step, args=ocp.args.Composite(**args))
+    finally:
+        ckpt.close()
     return jax.device_get({half: restored[half]["params"] for half in HALVES})
 
 
 # ------------------------------------------------------------------------------------------------- config
 def save_config(stage_dir: str, config: ml_collections.ConfigDict) -> None:
-    """Writes the stage's config as JSON (via a temporary file, then an atomic rename)."""
+    """Writes the stage's config as JSON (via a temporary file, then an atomic rename; process 0 only)."""
+    if jax.process_index():
+        return
     os.makedirs(stage_dir, exist_ok=True)
     path = os.path.join(stage_dir, CONFIG_FILE)
     with open(path + ".tmp", "w") as f:
@@ -123,8 +149,9 @@ def config_differences(saved: ml_collections.ConfigDict, current: ml_collections
     """'field: saved X, now Y' for every field (dotted path) that differs, tuples and lists alike."""
     as_json = lambda c: _flat(json.loads(c.to_json()))
     a, b = as_json(saved), as_json(current)
+    ignored = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in ignore)
     return [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ignore]
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not ignored(k)]
 
 
 def check_resume_config(stage_dir: str, config: ml_collections.ConfigDict) -> None:

@@ -59,6 +59,8 @@ class Answerer:
 
     def __init__(self, model_config: T.TinyLlavaConfig, params: dict, tokenizer: Tokenizer, dtype=jnp.float32):
         self.config = model_config.for_inference()
+        # On the device once: host arrays as jit arguments would be copied over for every generated token.
+        params = jax.device_put(params)
         self.params, self.tokenizer, self.dtype = params, tokenizer, dtype
         cfg = self.config
         self._client = jax.jit(lambda p, *b: T.client_apply(cfg, p, *b, dtype=dtype))
@@ -175,7 +177,8 @@ def eval_sources(config, log=print) -> dict:
         sources.update(validation=split["validation"], test=split["test"])
     for name, file in parse_eval_files(config.data.eval_files).items():
         sources[name] = builders.prepare_llava(data_dir, os.path.expanduser(file), eval_image_root(config, file),
-                                               config.data.on_bad_sample, log=log).as_data_source()["train"]
+                                               config.data.on_bad_sample, log=log,
+                                               template=config.data.template).as_data_source()["train"]
     return sources
 
 
@@ -203,15 +206,17 @@ def run_evaluation(config, model_cfg, params, tokenizer: Tokenizer, sources: dic
     """Evaluates every source, writing `out_dir/NAME.answers.jsonl` and `NAME.scores.json`; returns
     {name: scores}."""
     answerer = Answerer(model_cfg, params, tokenizer, dtype)
+    primary = jax.process_index() == 0  # every process generates; process 0 writes
     results = {}
     for name, source in sources.items():
         scores = evaluate_source(
             answerer, source, template=config.data.template, buckets=tuple(config.data.buckets),
             batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
             max_examples=config.eval.max_examples, on_bad_sample=config.data.on_bad_sample,
-            answers_file=os.path.join(out_dir, f"{name}.answers.jsonl"), name=name)
-        with open(os.path.join(out_dir, f"{name}.scores.json"), "w") as f:
-            json.dump(scores, f, indent=2)
+            answers_file=os.path.join(out_dir, f"{name}.answers.jsonl") if primary else None, name=name)
+        if primary:
+            with open(os.path.join(out_dir, f"{name}.scores.json"), "w") as f:
+                json.dump(scores, f, indent=2)
         log(f"  {name}: accuracy {scores['accuracy'].get('all', float('nan')):.3f} on {scores['samples']} "
             f"samples" + (f" ({scores['skipped']} skipped)" if scores["skipped"] else "")
             + f"; answers in {out_dir}/{name}.answers.jsonl")

@@ -1,5 +1,8 @@
 """Metric writers: JSON lines always (`metrics.jsonl` in the workdir), TensorBoard when `tensorboardX` is
-installed. One record per call: {"step": int, "stage": str, ...scalars}."""
+installed. One record per call: {"step": int, "stage": str, ...scalars}. Only JAX process 0 writes.
+
+A resumed run truncates the JSON lines to the step it resumes from (`truncate`); TensorBoard event files are
+append-only, so there a resumed run's repeated steps appear twice."""
 
 from __future__ import annotations
 
@@ -10,9 +13,15 @@ import time
 
 class MetricWriter:
     def __init__(self, workdir: str, stage: str):
+        import jax
+
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.stage = stage
+        self.enabled = jax.process_index() == 0
+        self._tb = None
+        if not self.enabled:
+            return
         try:
             from tensorboardX import SummaryWriter
 
@@ -21,6 +30,8 @@ class MetricWriter:
             self._tb = None
 
     def write(self, step: int, **scalars) -> None:
+        if not self.enabled:
+            return
         record = {"step": int(step), "stage": self.stage, "time": time.time(),
                   **{k: (float(v) if not isinstance(v, str | dict) else v) for k, v in scalars.items()}}
         with open(self.path, "a") as f:
@@ -31,9 +42,13 @@ class MetricWriter:
                     self._tb.add_scalar(k, v, step)
 
     def truncate(self, step: int) -> None:
-        """Drops this stage's records after `step` (a resumed run logs those steps again); atomic."""
+        """Drops this stage's records after `step` and its end-of-stage (non-training) records at `step`: a run
+        that starts from `step` logs those again. Atomic."""
+        if not self.enabled:
+            return
         records = read_metrics(os.path.dirname(self.path))
-        keep = [r for r in records if r.get("stage") != self.stage or r["step"] <= step]
+        keep = [r for r in records if r.get("stage") != self.stage or r["step"] < step
+                or (r["step"] == step and "ce_loss" in r)]
         if len(keep) == len(records):
             return
         with open(self.path + ".tmp", "w") as f:

@@ -104,14 +104,19 @@ def tokenizer_dir(config) -> str:
 
 
 def train_source(config):
-    """The stage's training records: Shapes-VQA's captions (stage 1) or QA (stage 2), or the LLaVA file."""
+    """(records, identity) of the stage's training data: Shapes-VQA's captions (stage 1) or QA (stage 2), or
+    the LLaVA file; identity = {"dataset": the converted dataset's name, "records": how many}."""
     data_dir = os.path.expanduser(config.data.data_dir)
     if config.data.dataset == "shapes":
         builder, _ = builders.prepare_shapes(data_dir, config.data.shapes_config)
-        return builder.as_data_source()["pretrain" if config.stage == "pretrain" else "train"]
-    return builders.prepare_llava(data_dir, os.path.expanduser(config.data.annotation_file),
-                                  os.path.expanduser(config.data.image_root),
-                                  config.data.on_bad_sample).as_data_source()["train"]
+        split = "pretrain" if config.stage == "pretrain" else "train"
+    else:
+        builder = builders.prepare_llava(data_dir, os.path.expanduser(config.data.annotation_file),
+                                         os.path.expanduser(config.data.image_root), config.data.on_bad_sample,
+                                         template=config.data.template)
+        split = "train"
+    source = builder.as_data_source()[split]
+    return source, {"dataset": f"{builder.info.full_name}/{split}", "records": len(source)}
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -223,14 +228,24 @@ def _interrupted(config, step: int, total: int) -> bool:
 
 def train_stage(config, workdir: str, log=print) -> dict:
     """One stage in `workdir` (its stage folder): returns its summary dict (also written to summary.json)."""
-    from tqdm import tqdm
-
     check_config(config)
     _check_resume(config, workdir)
     checkpoint.save_config(workdir, config)
-    dtype = jnp.dtype(config.model.dtype)
     ckpt = checkpoint.manager(workdir)
-    source = train_source(config)
+    writer = MetricWriter(workdir, config.stage)
+    try:
+        return _train_stage(config, workdir, ckpt, writer, log)
+    finally:
+        writer.close()
+        ckpt.close()
+
+
+def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
+    from tqdm import tqdm
+
+    primary = jax.process_index() == 0
+    dtype = jnp.dtype(config.model.dtype)
+    source, data = train_source(config)
     tok_dir = tokenizer_dir(config)
     model_cfg = model_config(config, len(load_tokenizer(tok_dir)))
     params, boxed = init_params(config, model_cfg, dtype, log)
@@ -255,17 +270,18 @@ def train_stage(config, workdir: str, log=print) -> dict:
     tx_client, tx_server = build_optimizers(config, num_steps)
     trainer = SplitTrainer(model_cfg, SplitConfig.from_config(config.split), tx_client, tx_server, params,
                            dtype=dtype, boxed_like=boxed, trainable=tuple(config.optim.trainable))
+    del params  # the trainer holds its own copy on the meshes
 
     iterator = iter(pipeline.make_loader(source, tok_dir, pipe))
-    step = 0
+    step = ckpt.latest_step() or 0
     totals = {"uplink_bytes": 0, "downlink_bytes": 0, "samples": 0, "skipped_samples": 0, "skipped_reasons": []}
-    writer = MetricWriter(workdir, config.stage)
-    if ckpt.latest_step() is not None:
-        step = ckpt.latest_step()
-        iterator_state, saved = checkpoint.restore_state(ckpt, trainer, step)
+    if step:
+        iterator_state, saved = checkpoint.restore_state(ckpt, trainer, step, data)
         totals.update(saved)
         iterator.set_state(iterator_state)
-        writer.truncate(step)  # lines logged after the checkpoint we resume from are logged again
+    # Records logged after the step we start from (a crash after logging, or a finished stage evaluated
+    # again) are logged again: drop them so that metrics.jsonl has each once.
+    writer.truncate(step)
     if _interrupted(config, step, micro_steps):
         return {"stage": config.stage, "steps": step, "interrupted": True}
     bar = tqdm(total=micro_steps, initial=step, desc=config.stage, unit="step", dynamic_ncols=True)
@@ -298,10 +314,9 @@ def train_stage(config, workdir: str, log=print) -> dict:
         bar.update(1)
         interrupted = _interrupted(config, step, micro_steps)
         if step % config.checkpoint_every == 0 or step == micro_steps or interrupted:
-            checkpoint.save_state(ckpt, trainer, step, iterator.get_state(), totals)
+            checkpoint.save_state(ckpt, trainer, step, iterator.get_state(), totals, data)
         if interrupted:
             bar.close()
-            writer.close()
             return {"stage": config.stage, "steps": step, "interrupted": True}
     bar.close()
 
@@ -319,7 +334,8 @@ def train_stage(config, workdir: str, log=print) -> dict:
         example = tuple(np.repeat(x, config.optim.batch_size, 0) for x in example)
         summary["uplink_ratio_to_fp16"] = uplink_ratio_to_fp16(model_cfg, example)
     if config.stage == "finetune":  # the trained model in the Hugging Face layout, compressors included
-        convert.export_tinyllava(params, model_cfg, os.path.join(workdir, "export"))
+        if primary:
+            convert.export_tinyllava(params, model_cfg, os.path.join(workdir, "export"))
         summary["export"] = os.path.join(workdir, "export")
         sources = evaluation.eval_sources(config, log)
         if sources:
@@ -329,9 +345,9 @@ def train_stage(config, workdir: str, log=print) -> dict:
         for name, scores in results.items():
             summary[f"{name}_accuracy"] = scores["accuracy"]
             writer.write(step, **{f"{name}_accuracy_{k}": v for k, v in scores["accuracy"].items()})
-    writer.close()
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 
@@ -354,7 +370,7 @@ def stage1_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def _check_resume(config, stage_dir: str) -> None:
-    if (checkpoint.manager(stage_dir).latest_step() is not None
+    if (checkpoint.latest_step(stage_dir) is not None
             and os.path.isfile(os.path.join(stage_dir, checkpoint.CONFIG_FILE))):
         checkpoint.check_resume_config(stage_dir, config)
 
@@ -386,8 +402,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if summaries[-1].get("interrupted"):
             break
     _print_summary(summaries)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summaries, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summaries, f, indent=2)
     return summaries[-1]
 
 

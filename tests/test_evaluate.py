@@ -56,7 +56,7 @@ def test_answer_normalisation_and_eval_file_lists():
     assert evaluate.normalize_answer(" The Red. ") == "red"
     assert evaluate.normalize_answer("a circle!") == "circle"
     assert evaluate.parse_eval_files(" gqa=a.json, pope = b/c.jsonl,") == {"gqa": "a.json", "pope": "b/c.jsonl"}
-    with pytest.raises(ValueError, match="config.data.eval_files: expected NAME=FILE"):
+    with pytest.raises(ValueError, match=r"config\.data\.eval_files: expected NAME=FILE"):
         evaluate.parse_eval_files("a.json")
     with pytest.raises(ValueError, match="the name 'x' appears twice"):
         evaluate.parse_eval_files("x=a.json,x=b.json")

@@ -141,21 +141,28 @@ def test_own_llava_data_with_the_tiny_preset(tmp_path, tmp_path_factory, capsys)
     qa = _llava_file(take("train", 16), tmp_path / "qa.json", tmp_path / "images")
     held_out = _llava_file(take("validation", 8), tmp_path / "held_out.json", tmp_path / "images")
     tokenizer.main(["--out", str(tmp_path / "tok"), captions, qa])
-    common = {"data.dataset": "llava", "data.tokenizer": str(tmp_path / "tok"), "data.image_root": str(tmp_path / "images"),
-              "data.on_bad_sample": "skip", "split.mode": "single", "optim.max_steps": 0, "optim.epochs": 1}
+    common = {"data.dataset": "llava", "data.tokenizer": str(tmp_path / "tok"),
+              "data.image_root": str(tmp_path / "images"), "data.on_bad_sample": "skip", "split.mode": "single",
+              "optim.max_steps": 0, "optim.epochs": 1}
     stage1 = _config(tmp_path_factory, "pretrain", **common, **{"data.annotation_file": captions,
                                                                 "data.buckets": (32, 48)})
     summary = trainer.train_and_evaluate(stage1, str(tmp_path / "w1"))
     assert summary["steps"] == 24 // 4 and summary["skipped_samples"] == 1  # 25 records, 1 lost at conversion
     assert "text tokens exceed the largest bucket 48" in summary["skipped_reasons"][0]
     assert "lost" in capsys.readouterr().out  # the conversion reported it
-    stage2 = _config(tmp_path_factory, **common, **{"data.annotation_file": qa, "init_from": str(tmp_path / "w1" / "pretrain"),
+    stage2 = _config(tmp_path_factory, **common, **{"data.annotation_file": qa,
+                                                    "init_from": str(tmp_path / "w1" / "pretrain"),
                                                     "compressor.text_transport": "token_ids",
                                                     "data.eval_files": f"held_out={held_out}"})
     summary = trainer.train_and_evaluate(stage2, str(tmp_path / "w2"))
     assert summary["steps"] == 4 and set(summary["held_out_accuracy"]) >= {"all"}
     assert not (tmp_path / "w2" / "pretrain").exists()  # stage 1 was not run again
     assert len((tmp_path / "w2" / "finetune" / "eval" / "held_out.answers.jsonl").read_text().splitlines()) == 8
+    # The annotation file edited under a checkpoint: converted anew, and the run refuses to resume on it.
+    with open(qa, "a") as f:
+        f.write(" ")
+    with pytest.raises(ValueError, match=r"was trained on .*qa_.* the data is now"):
+        trainer.train_and_evaluate(stage2, str(tmp_path / "w2"))
 
 
 def _params(workdir):
@@ -186,6 +193,16 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path_factory, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, a, b)
     steps = [r["step"] for r in read_metrics(str(resumed_dir / "pretrain")) if "ce_loss" in r]
     assert steps == [1, 2, 4]  # step 3 was logged before the "kill", then dropped and not logged again (log 2)
+
+
+def test_only_fields_that_change_training_block_a_resume():
+    saved = finetune_config()
+    current = finetune_config()
+    current.stop_after, current.eval.batch_size, current.data.eval_files = 5, 1, "x=a.json"
+    assert checkpoint.config_differences(saved, current) == []
+    current.data.buckets, current.optim.lr = (64,), 1e-3
+    assert checkpoint.config_differences(saved, current) == [
+        "data.buckets: saved [32, 48, 64], now [64]", "optim.lr: saved 0.0003, now 0.001"]
 
 
 def test_stage_one_keeps_its_own_data_fields():

@@ -5,9 +5,9 @@ A file is a JSON list of samples or JSONL (one sample per line):
 LLaVA-Pretrain (558k) and mix665k are single JSON lists of hundreds of MB; `iter_annotations` parses them one
 sample at a time, so memory stays bounded by the largest sample whatever the file size.
 
-Errors name the file and the line: a JSON list with a syntax error cannot be read past it (`BadSample`); a
-malformed JSONL line, or a sample that is not an object with "conversations", is reported per sample (the
-caller fails or skips it).
+Errors name the file: a JSON list with a syntax error cannot be read past it (`BadSample` with the line and
+column); a malformed JSONL line (by line number), or a sample that is not an object with a "conversations"
+list (by its position in the file), is reported per sample: the caller fails or skips it.
 """
 
 from __future__ import annotations
@@ -46,9 +46,12 @@ class Annotation:
 
 
 def _checked(path: str, number: int, record: Any) -> Annotation:
-    if not isinstance(record, dict) or "conversations" not in record:
-        return Annotation(number, record, f"{path}: sample {number} ({str(record)[:60]}) is not an object with "
-                                          f"'conversations'")
+    if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+        return Annotation(number, record, f"{path}: sample {number} ({str(record)[:60]}) is not an object with a "
+                                          f"'conversations' list")
+    if not isinstance(record.get("image") or "", str):
+        return Annotation(number, record, f"{path}: sample {number}: 'image' must be one relative path, got "
+                                          f"{record['image']!r} (one image per sample)")
     return Annotation(number, record)
 
 
@@ -121,11 +124,19 @@ def _iter_json_list(path: str, f) -> Iterator[Annotation]:
         while True:
             try:
                 record, end = decoder.raw_decode(buf, pos)
-                break
+                if end < len(buf) or eof:  # a value ending at the buffer's end (a number) may go on
+                    break
+                error = None
             except json.JSONDecodeError as e:
-                # Maybe the sample continues past the buffer: read more, unless it cannot be a sample.
-                if len(buf) - pos > MAX_SAMPLE_CHARS or not more(2 * (len(buf) - pos)):
-                    fail(e.msg, e.pos)
+                error = e
+            # Maybe the sample continues past the buffer: read more, unless it cannot be a sample.
+            if len(buf) - pos > MAX_SAMPLE_CHARS:
+                fail(f"sample {number} is longer than {MAX_SAMPLE_CHARS} characters", pos)
+            shift = pos
+            if not more(2 * (len(buf) - pos)):
+                if error is None:
+                    continue  # the file ended: the value is complete after all
+                fail(error.msg, error.pos - shift)
         pos = end
         yield _checked(path, number, record)
         sep = skip_space()

@@ -16,6 +16,7 @@ bounded memory for any file size) and reuses the conversion while the file and i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -86,6 +87,20 @@ def _split_samples(config: ShapesVqaConfig) -> dict[str, list[shapes.Sample]]:
     return {split: split_samples(config, split) for split in SPLIT_SEEDS}
 
 
+@contextlib.contextmanager
+def _quiet_tfds():
+    """tfds logs warnings for what we do on purpose (a custom builder config; looking for a dataset that is
+    not prepared yet): hide them while a builder is made and checked."""
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
 class _QuietBuilder:
     """tfds prints "Downloading and preparing dataset ..." for every build; ours download nothing (the
     builders say themselves what they do)."""
@@ -145,8 +160,10 @@ def prepare_shapes(data_dir: str, config: str | ShapesVqaConfig = "tiny", log=pr
     """
     from qtl_jax.data.tokenizer import build_word_tokenizer
 
-    builder = ShapesVqa(data_dir=data_dir, config=config, file_format="array_record")
-    if not builder.is_prepared():
+    with _quiet_tfds():
+        builder = ShapesVqa(data_dir=data_dir, config=config, file_format="array_record")
+        prepared = builder.is_prepared()
+    if not prepared:
         log(f"Shapes-VQA {builder.builder_config.name!r}: generating into {builder.data_dir} (once)")
         builder.download_and_prepare()
     tokenizer_dir = os.path.join(builder.data_dir, "tokenizer")
@@ -166,6 +183,7 @@ class LlavaConfig(tfds.core.BuilderConfig):
     annotation_file: str = ""
     image_root: str = ""
     on_bad_sample: str = "fail"
+    template: str = "llama"  # the samples are checked against it (pretrain: one caption each)
 
 
 class LlavaFormat(_QuietBuilder, tfds.core.ShardBasedBuilder):
@@ -196,12 +214,16 @@ class LlavaFormat(_QuietBuilder, tfds.core.ShardBasedBuilder):
         if not total:
             raise BadSample(f"{cfg.annotation_file}: the annotation file holds no samples")
         self._counts = {"samples": 0, "skipped": 0, "skipped_reasons": []}
-        stream = self._examples()
+        self._stream = self._examples()
         shards = -(-total // SAMPLES_PER_SHARD)
-        return {"train": [lambda: itertools.islice(stream, SAMPLES_PER_SHARD)] * shards}
+        return {"train": [lambda: itertools.islice(self._stream, SAMPLES_PER_SHARD)] * shards}
 
     def _download_and_prepare(self, dl_manager, download_config=None):
-        super()._download_and_prepare(dl_manager, download_config)
+        try:
+            super()._download_and_prepare(dl_manager, download_config)
+        finally:
+            if getattr(self, "_stream", None) is not None:
+                self._stream.close()  # the annotation file, if the last shard stopped before its end
         counts = self._counts
         if not counts["samples"]:
             raise BadSample(f"{self.builder_config.annotation_file}: no usable sample "
@@ -231,7 +253,7 @@ class LlavaFormat(_QuietBuilder, tfds.core.ShardBasedBuilder):
     def _example(self, record: dict, sample_id: str) -> dict:
         cfg = self.builder_config
         conversations = record["conversations"]
-        format_prompt(conversations, "llama", sample_id)  # roles, answers, image placement
+        format_prompt(conversations, cfg.template, sample_id)  # roles, answers, image placement
         image = np.zeros((0,), np.uint8)
         if record.get("image"):
             path = os.path.join(cfg.image_root, record["image"])
@@ -248,31 +270,35 @@ class LlavaFormat(_QuietBuilder, tfds.core.ShardBasedBuilder):
                 "question_type": str(question_type or "")}
 
 
-def llava_cache_name(annotation_file: str, image_root: str, on_bad_sample: str) -> str:
+def llava_cache_name(annotation_file: str, image_root: str, on_bad_sample: str, template: str = "llama") -> str:
     """The converted dataset's name: the annotation file's stem plus a hash of everything that decides its
-    records (the file's full path, size and modification time, the image folder, the bad-sample policy), so
-    another file of the same name, an edited file or another image folder is converted anew."""
+    records (the file's full path, size and modification time, the image folder, the bad-sample policy, the
+    template samples are checked against), so another file of the same name, an edited file or another image
+    folder is converted anew."""
     stat = os.stat(annotation_file)
     key = json.dumps([os.path.abspath(annotation_file), stat.st_size, stat.st_mtime_ns,
-                      os.path.abspath(image_root), on_bad_sample])
+                      os.path.abspath(image_root), on_bad_sample, template])
     stem = re.sub(r"[^a-z0-9_]", "_", os.path.splitext(os.path.basename(annotation_file))[0].lower())
     return f"{stem}_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 
 
 def prepare_llava(data_dir: str, annotation_file: str, image_root: str, on_bad_sample: str = "fail",
-                  log=print):
+                  log=print, template: str = "llama"):
     """Converts a LLaVA-format dataset into array_record files under `data_dir` once; returns the builder.
 
-    Image paths in the file are relative to `image_root`. A later call with the same file (path, size and
-    modification time), image folder and policy reuses the converted copy and says so through `log`.
+    Image paths in the file are relative to `image_root`; samples are checked against `template` (the stage's).
+    A later call with the same file (path, size and modification time), image folder, policy and template
+    reuses the converted copy and says so through `log`.
     """
     if not os.path.isfile(annotation_file):
         raise FileNotFoundError(f"annotation file {annotation_file!r} does not exist")
-    config = LlavaConfig(name=llava_cache_name(annotation_file, image_root, on_bad_sample),
+    config = LlavaConfig(name=llava_cache_name(annotation_file, image_root, on_bad_sample, template),
                          annotation_file=os.path.abspath(annotation_file), image_root=os.path.abspath(image_root),
-                         on_bad_sample=on_bad_sample)
-    builder = LlavaFormat(data_dir=data_dir, config=config, file_format="array_record")
-    if builder.is_prepared():
+                         on_bad_sample=on_bad_sample, template=template)
+    with _quiet_tfds():
+        builder = LlavaFormat(data_dir=data_dir, config=config, file_format="array_record")
+        prepared = builder.is_prepared()
+    if prepared:
         log(f"{annotation_file}: reusing the converted copy in {builder.data_dir} "
             f"({builder.info.metadata.get('samples')} samples, {builder.info.metadata.get('skipped')} skipped)")
         return builder

@@ -58,6 +58,9 @@ class Encoded:
 
 def _turns(conversations, sample_id: str) -> list[tuple[str, str | None]]:
     """[(question, answer)] from LLaVA turns; checks roles alternate human, gpt."""
+    if not isinstance(conversations, list):
+        raise BadSample(f"sample {sample_id}: 'conversations' must be a list of turns, got "
+                        f"{type(conversations).__name__}")
     if not conversations:
         raise BadSample(f"sample {sample_id}: empty conversation")
     pairs = []

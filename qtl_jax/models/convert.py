@@ -382,7 +382,7 @@ def load_tinyllava(path: str, config) -> dict:
         client["token_embeddings"] = {"embedding": embedding.astype(np.float32)}
     loaded = {"client": client, "server": {"language_model": lm_params}}
     file = os.path.join(path, COMPRESSORS_FILE)
-    entries = compressor_entries(config)
+    entries = _matching_compressors(path, config)
     if os.path.isfile(file) and entries:  # a qtl_jax export: the trained compressors too
         from qtl_jax.compress import Compressor
 
@@ -392,7 +392,8 @@ def load_tinyllava(path: str, config) -> dict:
             proj = _expected_shapes(Compressor(codec, dim), np.zeros((1, 1, dim), np.float32))
             shapes["client"][f"{modality}_compressor"] = {"in_proj": proj.get("in_proj")}
             shapes["server"][f"{modality}_compressor"] = {"out_proj": proj.get("out_proj")}
-        compressors = import_params(_read_safetensors(file), entries, shapes, file, lambda k: False)
+        used = {key for _, key, _, _ in entries}
+        compressors = import_params(_read_safetensors(file), entries, shapes, file, lambda k: k not in used)
         for half in ("client", "server"):
             loaded[half].update(compressors.get(half, {}))
     return loaded
@@ -418,6 +419,25 @@ def merge_params(params: dict, loaded: dict, where: str = "params", ignore_extra
                 raise CheckpointError(f"{where}/{key}: loaded shape {np.shape(value)}, model {params[key].shape}")
             out[key] = jax.numpy.asarray(value, params[key].dtype)
     return out
+
+
+def _matching_compressors(path: str, config) -> list[Entry]:
+    """The compressor entries of `config` whose codec is the one the export at `path` was trained with (the
+    same name, bits and options; RD-FSQ's statistics mode aside): a model with another codec keeps its own
+    initialisation for that modality, as it would from a plain TinyLLaVA checkpoint."""
+    from qtl_jax.compress import codec_to_dict
+
+    note_file = os.path.join(path, EXPORT_NOTE)
+    if not os.path.isfile(note_file):
+        return []
+    with open(note_file) as f:
+        note = json.load(f)
+    settings = lambda d: {k: v for k, v in d.items() if k != "statistics"}
+    same = {m for m, codec in (("image", config.image_codec), ("text", config.text_codec))
+            if settings(note.get(f"{m}_codec", {})) == settings(codec_to_dict(codec))}
+    if note.get("text_transport") != config.text_transport:
+        same.discard("text")
+    return [e for e in compressor_entries(config) if e[0][1].split("_")[0] in same]
 
 
 def compressor_entries(config) -> list[Entry]:

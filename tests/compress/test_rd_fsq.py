@@ -11,9 +11,9 @@ from qtl_jax.compress import (
     commitment_loss,
     dequantize_levels,
     levels_ste,
+    make_codec,
     quantize_levels,
     rd_fsq,
-    make_codec,
     robust_scale,
 )
 from qtl_jax.compress.rd_fsq import masked_moments

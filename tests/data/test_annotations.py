@@ -36,20 +36,24 @@ def test_jsonl_and_empty_list(tmp_path):
     assert list(iter_annotations(str(tmp_path / "empty.json"))) == []
 
 
-def test_malformed_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(annotations, "CHUNK_CHARS", 4)
+@pytest.mark.parametrize("chunk", [4, 1 << 20])
+def test_malformed_files(tmp_path, monkeypatch, chunk):
+    monkeypatch.setattr(annotations, "CHUNK_CHARS", chunk)
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps(TRICKY[0]) + '\n{"id": "x", "conversations": [}\n[1, 2]\n')
     got = list(iter_annotations(str(path)))
     assert not got[0].error and got[0].record == TRICKY[0]
     assert "data.jsonl:2: malformed JSON line" in got[1].error
-    assert "data.jsonl:3: sample 3 ([1, 2]) is not an object with 'conversations'" in got[2].error
+    assert "data.jsonl:3: sample 3 ([1, 2]) is not an object with a 'conversations' list" in got[2].error
     assert got[2].sample_id == "#3"
     (tmp_path / "broken.json").write_text('[\n  {"id": 1, "conversations": []},\n  {"id": 2,}\n]')
     with pytest.raises(BadSample, match=r"broken\.json: malformed JSON at line 3 column 12"):
         list(iter_annotations(str(tmp_path / "broken.json")))
+    (tmp_path / "comma.json").write_text('[{"id": 1, "conversations": []},]')  # json.loads: column 33 too
+    with pytest.raises(BadSample, match=r"comma\.json: malformed JSON at line 1 column 33: Expecting value"):
+        list(iter_annotations(str(tmp_path / "comma.json")))
     (tmp_path / "open.json").write_text('[{"id": 1, "conversations": []}')
-    with pytest.raises(BadSample, match="open.json: malformed JSON .* the list is not closed"):
+    with pytest.raises(BadSample, match=r"open\.json: malformed JSON .* the list is not closed"):
         list(iter_annotations(str(tmp_path / "open.json")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list(iter_annotations(str(tmp_path / "nope.json")))
@@ -59,5 +63,16 @@ def test_a_sample_larger_than_the_bound_is_an_error_not_a_memory_blowup(tmp_path
     monkeypatch.setattr(annotations, "CHUNK_CHARS", 8)
     monkeypatch.setattr(annotations, "MAX_SAMPLE_CHARS", 64)
     (tmp_path / "big.json").write_text(json.dumps([{"id": 1, "conversations": [], "pad": "x" * 500}]))
-    with pytest.raises(BadSample, match="big.json: malformed JSON at line 1"):
+    with pytest.raises(BadSample, match=r"big\.json: malformed JSON at line 1 column 2: sample 1 is longer than 64"):
         list(iter_annotations(str(tmp_path / "big.json")))
+
+
+def test_values_cut_by_a_chunk_boundary_and_wrong_types_are_per_sample_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(annotations, "CHUNK_CHARS", 2)
+    (tmp_path / "a.json").write_text('[12345, {"conversations": {"from": "human"}}, {"image": ["a.png", "b.png"], '
+                                     '"conversations": []}, {"conversations": []}]')
+    got = list(iter_annotations(str(tmp_path / "a.json")))
+    assert next(a.record for a in got) == 12345 and not got[3].error  # 12345, not 12 then a syntax error
+    assert "sample 1 (12345) is not an object with a 'conversations' list" in got[0].error
+    assert "sample 2" in got[1].error and "'conversations' list" in got[1].error
+    assert "sample 3: 'image' must be one relative path" in got[2].error

@@ -114,7 +114,7 @@ def test_labels_are_int32_arrays(tok):
 
 def test_pretrain_template_refuses_more_than_one_caption(tok):
     conv = [*ONE_TURN, {"from": "human", "value": "and?"}, {"from": "gpt", "value": "no"}]
-    with pytest.raises(BadSample, match="sample c9: the pretrain template takes one caption, .* 2 question"):
+    with pytest.raises(BadSample, match=r"sample c9: the pretrain template takes one caption, .* 2 question"):
         encode(conv, tok, "pretrain", 64, sample_id="c9")
 
 

@@ -39,11 +39,11 @@ def test_special_tokens_are_split_out_legacy_true_and_false(tmp_path, sp):
     legacy = load_tokenizer(str(make_llama_tokenizer(tmp_path / "legacy", legacy=True)))
     ids, offsets = legacy.tokenize(text)
     # legacy (the slow LlamaTokenizer, TinyLLaVA): every segment gets SentencePiece's dummy prefix.
-    assert ids == sp.encode("ASSISTANT: 4") + [2] + sp.encode("USER: hi")
+    assert ids == [*sp.encode("ASSISTANT: 4"), 2, *sp.encode("USER: hi")]
     assert offsets[len(sp.encode("ASSISTANT: 4"))] == (12, 16)  # "</s>"
     modern = load_tokenizer(str(make_llama_tokenizer(tmp_path / "modern", legacy=False)))
     ids = modern.tokenize(text)[0]
-    assert ids[:len(sp.encode("ASSISTANT: 4")) + 1] == sp.encode("ASSISTANT: 4") + [2]
+    assert ids[:len(sp.encode("ASSISTANT: 4")) + 1] == [*sp.encode("ASSISTANT: 4"), 2]
     after = [sp.id_to_piece(i) for i in ids[len(sp.encode("ASSISTANT: 4")) + 1:]]
     assert not after[0].startswith("▁") and "".join(after).replace("▁", " ") == "USER: hi"
 
@@ -81,7 +81,7 @@ def test_a_tokenizer_without_bos_is_refused(tmp_path, small_shapes):
     fast.save_pretrained(tmp_path / "nobos")  # no post-processor: "a" -> [3], no <s>
     with pytest.raises(ValueError, match="does not start a text with <s>"):
         load_tokenizer(str(tmp_path / "nobos"))
-    with pytest.raises(FileNotFoundError, match="neither tokenizer.model"):
+    with pytest.raises(FileNotFoundError, match=r"neither tokenizer\.model"):
         load_tokenizer(str(tmp_path))
     assert isinstance(load_tokenizer(small_shapes[1]), HuggingFaceTokenizer)
 

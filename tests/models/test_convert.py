@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
+from qtl_jax.compress import make_codec
 from qtl_jax.models import convert
 from qtl_jax.models import tinyllava as T
 
@@ -117,3 +118,17 @@ def test_mismatched_sizes_and_merge_errors(exported):
     with pytest.raises(convert.CheckpointError, match="no such parameter"):
         convert.merge_params(params, {"client": {"projector": {}}})
     assert T.IMAGE_TOKEN_INDEX == -200
+
+
+def test_an_export_into_a_model_with_other_codecs_keeps_only_the_matching_compressors(tmp_path):
+    cfg = micro("rd_fsq")
+    params = jax.tree.map(lambda x: x + 0.01, init(cfg))
+    convert.export_tinyllava(params, cfg, str(tmp_path))
+    other = dataclasses.replace(micro("fsq_tanh", "token_ids"), image_codec=cfg.image_codec)
+    loaded = convert.load_tinyllava(str(tmp_path), other)
+    # The image compressor is the same RD-FSQ 2-bit: loaded. The text one is not sent as rows any more.
+    np.testing.assert_array_equal(loaded["server"]["image_compressor"]["out_proj"]["kernel"],
+                                  params["server"]["image_compressor"]["out_proj"]["kernel"])
+    assert "text_compressor" not in loaded["client"] and "token_embeddings" not in loaded["client"]
+    bits3 = dataclasses.replace(cfg, image_codec=make_codec("rd_fsq", 3))
+    assert "image_compressor" not in convert.load_tinyllava(str(tmp_path), bits3)["server"]  # kept at its init

@@ -133,7 +133,8 @@ def test_frozen_parts_get_no_optimizer_state_and_never_move(mode):
     end = jax.tree.map(np.asarray, trainer.params())
     for half in ("client", "server"):
         frozen = trainer.state[half].frozen
-        jax.tree.map(np.testing.assert_array_equal, {k: end[half][k] for k in frozen}, {k: start[half][k] for k in frozen})
+        jax.tree.map(np.testing.assert_array_equal, {k: end[half][k] for k in frozen},
+                     {k: start[half][k] for k in frozen})
     assert not np.array_equal(end["client"]["connector"]["linear_0"]["kernel"],
                               start["client"]["connector"]["linear_0"]["kernel"])
 
@@ -199,13 +200,13 @@ def test_k_accumulated_micro_batches_equal_one_batch_k_times_the_size():
     micro_batches = [dict(_batch(), images=batch(seed)[0]) for seed in (0, 1)]
     big = {k: np.concatenate([b[k] for b in micro_batches]) for k in micro_batches[0]}
     accumulated = _partial_trainer(cfg, "meshes", None, optax.MultiSteps(optax.sgd(0.5), 2))
+    start = jax.tree.map(np.asarray, accumulated.params())
     for b in micro_batches:
         accumulated.step(b)
     once = _partial_trainer(cfg, "meshes", None, optax.sgd(0.5))
     once.step(big)
     assert _max_rel_diff(accumulated.params(), once.params()) < 1e-6
-    moved = _max_rel_diff(once.params(), _partial_trainer(cfg, "single", None, optax.sgd(0.5)).params())
-    assert moved > 1e-3  # the comparison is not vacuous: the step changed the parameters
+    assert _max_rel_diff(once.params(), start) > 1e-3  # not vacuous: the step changed the parameters
 
 
 @pytest.mark.parametrize(("name", "bound"), [("rd_fsq", 1e-2), ("none_fp32", 1e-3)])
@@ -218,6 +219,8 @@ def test_bf16_compute_stays_close_to_fp32(name, bound):
     losses = {dtype: float(jax.jit(lambda p, d=dtype: T.TinyLlava(cfg, d).apply({"params": p}, *batch())[0])(params))
               for dtype in (jnp.float32, jnp.bfloat16)}
     assert abs(losses[jnp.bfloat16] - losses[jnp.float32]) < bound * losses[jnp.float32], losses
+    if name != "rd_fsq":
+        return
     boxed = jax.jit(T.TinyLlava(cfg).init)(jax.random.key(1), *batch())["params"]
     split = SplitConfig(mode="meshes", client_mesh=CLIENT_MESH, server_mesh=SERVER_MESH)
     trainer = SplitTrainer(cfg, split, optax.adam(1e-3), optax.adam(1e-3), params, dtype=jnp.bfloat16,
