@@ -63,9 +63,8 @@ def build(stage: str, split: SplitConfig, text: int, all_trainable: bool = False
     boxed = jax.eval_shape(T.TinyLlava(model_cfg, dtype).init, jax.random.key(0), *example)["params"]
     tx_client, tx_server = trainer.build_optimizers(config, num_steps=1000)
     parts = None if all_trainable else tuple(config.optim.trainable)
-    split_trainer = SplitTrainer(model_cfg, split, tx_client, tx_server, jax.tree.map(lambda x: x.value, boxed,
-                                 is_leaf=lambda x: hasattr(x, "value")), dtype=dtype, boxed_like=boxed,
-                                 trainable=parts)
+    # Boxed ShapeDtypeStructs: the trainer unboxes them and builds an abstract state (nothing is allocated).
+    split_trainer = SplitTrainer(model_cfg, split, tx_client, tx_server, boxed, dtype=dtype, trainable=parts)
     size = model_cfg.vision.image_size
     batch = config.optim.batch_size
     shapes = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),

@@ -247,7 +247,8 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
     dtype = jnp.dtype(config.model.dtype)
     source, data = train_source(config)
     tok_dir = tokenizer_dir(config)
-    model_cfg = model_config(config, len(load_tokenizer(tok_dir)))
+    tokenizer = load_tokenizer(tok_dir)
+    model_cfg = model_config(config, len(tokenizer))
     params, boxed = init_params(config, model_cfg, dtype, log)
     if config.stage == "finetune" and config.init_from:
         # Parts stage 2 does not have (e.g. the text compressor when it sends token ids) are left out.
@@ -340,7 +341,7 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
         sources = evaluation.eval_sources(config, log)
         if sources:
             log(f"[{config.stage}] evaluating on {', '.join(sources)}")
-        results = evaluation.run_evaluation(config, model_cfg, params, load_tokenizer(tok_dir), sources,
+        results = evaluation.run_evaluation(config, model_cfg, params, tokenizer, sources,
                                             os.path.join(workdir, "eval"), dtype, log)
         for name, scores in results.items():
             summary[f"{name}_accuracy"] = scores["accuracy"]

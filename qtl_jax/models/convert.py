@@ -222,10 +222,14 @@ def save_folder(path: str, tensors: dict[str, np.ndarray], config: dict) -> None
     tmp = os.path.join(path, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "np"})
     os.replace(tmp, os.path.join(path, "model.safetensors"))
-    tmp = os.path.join(path, "config.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2)
-    os.replace(tmp, os.path.join(path, "config.json"))
+    write_json(os.path.join(path, "config.json"), config)
+
+
+def write_json(file: str, value) -> None:
+    """Writes `value` as indented JSON via a temporary file, then an atomic rename."""
+    with open(file + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(file + ".tmp", file)
 
 
 # ------------------------------------------------------------------------------------------------- SigLIP
@@ -498,9 +502,7 @@ def export_tinyllava(params: dict, config, path: str) -> None:
                     "text_compressor.in_proj -> codec quantize. server: codec dequantize -> *_compressor.out_proj "
                     "-> rows spliced at the image placeholder -> language_model",
     }
-    with open(os.path.join(path, EXPORT_NOTE + ".tmp"), "w") as f:
-        json.dump(note, f, indent=2)
-    os.replace(os.path.join(path, EXPORT_NOTE + ".tmp"), os.path.join(path, EXPORT_NOTE))
+    write_json(os.path.join(path, EXPORT_NOTE), note)
 
 
 def load_export(path: str):
