@@ -42,7 +42,9 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.init_from = ""  # finetune: a stage-1 workdir; empty = run stage 1 first (into workdir/pretrain)
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "shapes" if tiny else "llava"  # "shapes" (built-in) or "llava" (annotation + images)
+    # "shapes" (built-in, rendered), "digits" (built-in: scikit-learn's handwritten digits, qtl_jax.data.digits)
+    # or "llava" (annotation file + images)
+    c.data.dataset = "shapes" if tiny else "llava"
     c.data.data_dir = "~/tensorflow_datasets"  # where tfds builders write their array_record files
     c.data.shapes_config = "tiny"  # Shapes-VQA variant: tiny | smoke (tests) | paper_size
     c.data.annotation_file = "" if tiny else (
@@ -76,7 +78,11 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.compressor.text = "rd_fsq"
     c.compressor.bits = 2
     c.compressor.text_transport = "quantized_embeddings"  # or token_ids
-    c.compressor.commitment_weight = 0.25
+    c.compressor.commitment_weight = 0.25  # alpha: the weight of RD-FSQ's loss term per modality
+    # RD-FSQ's loss term: "distortion" (ours: squared error of scaler + quantizer with the clipping error, which
+    # saturation cannot satisfy) or "cosine" (the paper's commitment, which saturation satisfies: code collapse;
+    # see qtl_jax.compress.rd_fsq and README "Code collapse").
+    c.compressor.commitment = "distortion"
 
     c.split = ml_collections.ConfigDict()
     c.split.mode = "meshes"  # single | meshes
@@ -101,6 +107,9 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.optim.grad_clip = 1.0
     # tiny: ~940 caption steps (3 x 5k captions) teach the tower colour, shape and place; 2 x 20k QA follow.
     c.optim.epochs = (3 if stage == "pretrain" else 2) if tiny else 1
+    # At least this many optimizer steps, in as many passes over the data as it takes: the budget follows the
+    # data (tiny: Shapes-VQA's 3 and 2 epochs are 937 and 2500 steps; a small dataset gets more passes).
+    c.optim.min_steps = (930 if stage == "pretrain" else 2500) if tiny else 0
     c.optim.max_steps = 0  # > 0 caps the number of optimizer steps (quick runs, tests)
     # What trains. The paper freezes the pretrained towers; tiny starts from random weights, so it trains
     # them too in both stages.

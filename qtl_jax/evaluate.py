@@ -12,6 +12,7 @@ answer does not depend on the other samples of its batch or on the batch size.
 
     python -m qtl_jax.evaluate --workdir W                         # the run's own evaluation sets again
     python -m qtl_jax.evaluate --workdir W --eval gqa=data/gqa_qa.json --image-root data/gqa/images
+    python -m qtl_jax.evaluate --workdir W --eval vqav2=data/vqav2_val.json --scorer vqav2  # qtl_jax.scorers
 
 `W` is a `train.py` workdir (its `finetune` stage is used) or a stage folder; the model, tokenizer, template
 and compressors come from the config the run saved. Outputs go to `STAGE/eval/NAME.answers.jsonl` and
@@ -167,7 +168,7 @@ def evaluate_source(answerer: Answerer, source, *, template: str, buckets: Seque
 
 
 def eval_sources(config, log=print) -> dict:
-    """{name: data source} of a stage-2 config: Shapes-VQA's validation and test splits (built-in data) and
+    """{name: data source} of a stage-2 config: the built-in dataset's validation and test splits and
     every `config.data.eval_files` entry (name -> LLaVA-format file with answers), converted once."""
     data_dir = os.path.expanduser(config.data.data_dir)
     sources = {}
@@ -175,6 +176,14 @@ def eval_sources(config, log=print) -> dict:
         builder, _ = builders.prepare_shapes(data_dir, config.data.shapes_config, log=log)
         split = builder.as_data_source()
         sources.update(validation=split["validation"], test=split["test"])
+    elif config.data.dataset == "digits":
+        from qtl_jax.data import digits
+
+        folder = digits.build(os.path.join(data_dir, "digits"), log=log)
+        for name in ("validation", "test"):
+            sources[name] = builders.prepare_llava(data_dir, os.path.join(folder, f"{name}.json"), folder,
+                                                   config.data.on_bad_sample, log=log,
+                                                   template=config.data.template).as_data_source()["train"]
     for name, file in parse_eval_files(config.data.eval_files).items():
         sources[name] = builders.prepare_llava(data_dir, os.path.expanduser(file), eval_image_root(config, file),
                                                config.data.on_bad_sample, log=log,
@@ -202,18 +211,32 @@ def eval_image_root(config, file: str) -> str:
 
 
 def run_evaluation(config, model_cfg, params, tokenizer: Tokenizer, sources: dict, out_dir: str, dtype,
-                   log=print) -> dict:
+                   log=print, scorer: str = "exact") -> dict:
     """Evaluates every source, writing `out_dir/NAME.answers.jsonl` and `NAME.scores.json`; returns
-    {name: scores}."""
+    {name: scores}. A `scorer` other than "exact" (`qtl_jax.scorers.SCORERS`) also scores the answers to
+    each `config.data.eval_files` file against that file, under "scorer" in its scores."""
     answerer = Answerer(model_cfg, params, tokenizer, dtype)
     primary = jax.process_index() == 0  # every process generates; process 0 writes
+    question_files = parse_eval_files(config.data.eval_files)
     results = {}
     for name, source in sources.items():
+        answers_file = os.path.join(out_dir, f"{name}.answers.jsonl")
         scores = evaluate_source(
             answerer, source, template=config.data.template, buckets=tuple(config.data.buckets),
             batch_size=config.eval.batch_size, max_new_tokens=config.eval.max_new_tokens,
             max_examples=config.eval.max_examples, on_bad_sample=config.data.on_bad_sample,
-            answers_file=os.path.join(out_dir, f"{name}.answers.jsonl") if primary else None, name=name)
+            answers_file=answers_file if primary else None, name=name)
+        if primary and scorer != "exact":
+            if name in question_files:
+                from qtl_jax.scorers import score_file
+
+                # partial: max_examples and skipped samples leave questions unanswered
+                scores["scorer"] = score_file(answers_file, os.path.expanduser(question_files[name]), scorer,
+                                              partial=True)
+                log(f"  {name}: {scorer} accuracy {scores['scorer']['accuracy'].get('all', float('nan')):.3f}"
+                    + (f", total {scores['scorer']['total']:.1f}" if "total" in scores["scorer"] else ""))
+            else:
+                log(f"  {name}: no question file (built-in split), so no {scorer} scores")
         if primary:
             with open(os.path.join(out_dir, f"{name}.scores.json"), "w") as f:
                 json.dump(scores, f, indent=2)
@@ -239,6 +262,7 @@ def find_stage(workdir: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     from qtl_jax import checkpoint, trainer
     from qtl_jax.data.tokenizer import load_tokenizer
+    from qtl_jax.scorers import SCORERS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a train.py workdir or one of its stage folders")
@@ -248,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--max-examples", type=int, default=None, help="0 = all")
+    parser.add_argument("--scorer", default="exact", choices=sorted(SCORERS),
+                        help="benchmark scorer run on the --eval files' answers as well (qtl_jax.scorers)")
     args = parser.parse_args(argv)
     stage_dir = find_stage(args.workdir)
     config = checkpoint.load_config(stage_dir)
@@ -272,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"evaluating {stage_dir} ({config.compressor.image}/{config.compressor.text}, "
           f"{config.compressor.bits} bits) on {', '.join(sources)}")
     results = run_evaluation(config, model_cfg, params, tokenizer, sources, os.path.join(stage_dir, "eval"),
-                             jnp.dtype(config.model.dtype))
+                             jnp.dtype(config.model.dtype), scorer=args.scorer)
     print(json.dumps({name: r["accuracy"] for name, r in results.items()}, indent=2))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -25,7 +26,9 @@ import optax
 from qtl_jax import checkpoint
 from qtl_jax import evaluate as evaluation
 from qtl_jax.compress import COMPRESSORS, make_codec
-from qtl_jax.data import builders, pipeline
+from qtl_jax.compress.entropy import code_usage
+from qtl_jax.compress.rd_fsq import LOSSES
+from qtl_jax.data import builders, digits, pipeline
 from qtl_jax.data.tokenizer import load_tokenizer
 from qtl_jax.metrics import MetricWriter
 from qtl_jax.models import convert
@@ -48,6 +51,11 @@ def check_config(config: ml_collections.ConfigDict, name: str = "config") -> Non
         if compressor not in COMPRESSORS:
             raise ValueError(f"{name}.compressor.{field}: unknown compressor {compressor!r}; expected one of "
                              f"{COMPRESSORS}")
+    commitment = config.compressor.get("commitment", "cosine")
+    if commitment not in LOSSES:
+        raise ValueError(f"{name}.compressor.commitment must be one of {LOSSES}, got {commitment!r}")
+    if config.optim.get("min_steps", 0) < 0:
+        raise ValueError(f"{name}.optim.min_steps must be >= 0, got {config.optim.min_steps}")
     if not 1 <= config.compressor.bits <= 8:
         raise ValueError(f"{name}.compressor.bits must be in 1..8, got {config.compressor.bits}")
     SplitConfig.from_config(config.split).check_devices()
@@ -82,8 +90,9 @@ def check_config(config: ml_collections.ConfigDict, name: str = "config") -> Non
         if not config.data.tokenizer:
             raise ValueError(f"{name}.data.tokenizer: LLaVA data needs a tokenizer folder (e.g. Llama-2's, or one "
                              f"built by `python -m qtl_jax.data.tokenizer`)")
-    elif config.data.dataset != "shapes":
-        raise ValueError(f"{name}.data.dataset must be 'shapes' or 'llava', got {config.data.dataset!r}")
+    elif config.data.dataset not in builders.BUILT_IN:
+        raise ValueError(f"{name}.data.dataset must be one of {(*builders.BUILT_IN, 'llava')}, got "
+                         f"{config.data.dataset!r}")
     if config.data.tokenizer and not os.path.isdir(os.path.expanduser(config.data.tokenizer)):
         raise FileNotFoundError(f"{name}.data.tokenizer: folder {config.data.tokenizer!r} does not exist")
     for eval_name, file in evaluation.parse_eval_files(config.data.eval_files, f"{name}.data.eval_files").items():
@@ -98,9 +107,12 @@ def tokenizer_dir(config) -> str:
     """The run's tokenizer folder: data.tokenizer, else the built-in dataset's (created with it)."""
     if config.data.tokenizer:
         return os.path.expanduser(config.data.tokenizer)
+    data_dir = os.path.expanduser(config.data.data_dir)
+    if config.data.dataset == "digits":
+        return os.path.join(digits.build(os.path.join(data_dir, "digits")), "tokenizer")
     if config.data.dataset != "shapes":
         raise ValueError("config.data.tokenizer: LLaVA data needs a tokenizer folder")
-    return builders.prepare_shapes(os.path.expanduser(config.data.data_dir), config.data.shapes_config)[1]
+    return builders.prepare_shapes(data_dir, config.data.shapes_config)[1]
 
 
 def train_source(config):
@@ -110,6 +122,12 @@ def train_source(config):
     if config.data.dataset == "shapes":
         builder, _ = builders.prepare_shapes(data_dir, config.data.shapes_config)
         split = "pretrain" if config.stage == "pretrain" else "train"
+    elif config.data.dataset == "digits":
+        folder = digits.build(os.path.join(data_dir, "digits"))
+        file = "pretrain.json" if config.stage == "pretrain" else "train.json"
+        builder = builders.prepare_llava(data_dir, os.path.join(folder, file), folder, config.data.on_bad_sample,
+                                         template=config.data.template)
+        split = "train"
     else:
         builder = builders.prepare_llava(data_dir, os.path.expanduser(config.data.annotation_file),
                                          os.path.expanduser(config.data.image_root), config.data.on_bad_sample,
@@ -120,6 +138,12 @@ def train_source(config):
 
 
 # ------------------------------------------------------------------------------------------------- model
+def _codec(config, name: str):
+    # Runs saved before the loss term was a field trained with the paper's cosine term.
+    options = {"commitment": config.compressor.get("commitment", "cosine")} if name == "rd_fsq" else {}
+    return make_codec(name, config.compressor.bits, **options)
+
+
 def model_config(config, vocab_size: int) -> T.TinyLlavaConfig:
     """The model of a config; raises when the tokenizer's vocabulary does not fit the paper-size model's."""
     tiny = config.model.size == "tiny"
@@ -129,8 +153,7 @@ def model_config(config, vocab_size: int) -> T.TinyLlavaConfig:
                          f"{lm.vocab_size}")
     return T.TinyLlavaConfig(
         vision=SIGLIP_TINY if tiny else SIGLIP_SO400M, lm=lm,
-        image_codec=make_codec(config.compressor.image, config.compressor.bits),
-        text_codec=make_codec(config.compressor.text, config.compressor.bits),
+        image_codec=_codec(config, config.compressor.image), text_codec=_codec(config, config.compressor.text),
         text_transport=config.compressor.text_transport, commitment_weight=config.compressor.commitment_weight)
 
 
@@ -222,6 +245,28 @@ def uplink_ratio_to_fp16(model_cfg, example) -> float:
     return uplink_nbytes(model_cfg, example) / uplink_nbytes(fp16, example)
 
 
+def step_budget(config, num_records: int) -> tuple[int, int]:
+    """(epochs the loader runs, optimizer steps) of a stage: `optim.epochs` passes over the data, but at least
+    `optim.min_steps` optimizer steps (more passes over a small dataset: the budget follows the data, not a
+    fixed number of epochs). Skipped samples keep their place as empty rows (pipeline), so this is exact."""
+    per_epoch = num_records // (config.optim.batch_size * jax.process_count())  # micro-batches per pass
+    if not per_epoch:
+        return config.optim.epochs, 0
+    accum = config.optim.accum_steps
+    epochs = max(config.optim.epochs, math.ceil(config.optim.get("min_steps", 0) * accum / per_epoch))
+    return epochs, max(config.optim.epochs * per_epoch // accum, config.optim.get("min_steps", 0))
+
+
+def collapse_metrics(model_cfg, metrics: dict) -> dict[str, float]:
+    """What shows a code collapse while it happens, for the image rows of a step's uplink: image_tokens,
+    image_distinct_codes, image_code_entropy (bits/element), and the codecs' stats (RD-FSQ's image_clipped and
+    text_clipped fractions). Host-side; called at log steps only."""
+    uplink = metrics["uplink"]
+    usage = code_usage(model_cfg.image_codec, uplink.image, (uplink.image_pos >= 0)[:, None])
+    return {**{f"image_{k}": v for k, v in usage.items()},
+            **{k: float(v) for k, v in (metrics.get("stats") or {}).items()}}
+
+
 def _interrupted(config, step: int, total: int) -> bool:
     return bool(config.stop_after) and config.stop_after <= step < total
 
@@ -254,14 +299,12 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
         # Parts stage 2 does not have (e.g. the text compressor when it sends token ids) are left out.
         params = convert.merge_params(params, checkpoint.final_params(config.init_from), ignore_extra=True)
 
+    epochs, num_steps = step_budget(config, len(source))
     pipe = pipeline.PipelineConfig(
         template=config.data.template, batch_size=config.optim.batch_size, image_size=model_cfg.vision.image_size,
         image_tokens=model_cfg.image_tokens, max_length=config.data.max_length, buckets=tuple(config.data.buckets),
-        seed=config.seed, num_epochs=config.optim.epochs, worker_count=config.data.worker_count,
+        seed=config.seed, num_epochs=epochs, worker_count=config.data.worker_count,
         on_bad_sample=config.data.on_bad_sample)
-    # Skipped samples keep their place as empty rows (pipeline), so this count is exact.
-    micro_steps = config.optim.epochs * (len(source) // (pipe.batch_size * jax.process_count()))
-    num_steps = micro_steps // config.optim.accum_steps
     if config.optim.max_steps:
         num_steps = min(num_steps, config.optim.max_steps)
     micro_steps = num_steps * config.optim.accum_steps
@@ -308,7 +351,7 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
             last = now
             writer.write(step, ce_loss=ce, commitment_loss=float(metrics["commitment_loss"]), step_time=step_time,
                          uplink_mb=metrics["uplink_bytes"] / 1e6, downlink_mb=metrics["downlink_bytes"] / 1e6,
-                         skipped_samples=totals["skipped_samples"])
+                         skipped_samples=totals["skipped_samples"], **collapse_metrics(model_cfg, metrics))
             bar.set_postfix(loss=f"{ce:.3f}", s_per_step=f"{step_time:.2f}",
                             up_mb=f"{metrics['uplink_bytes'] / 1e6:.2f}",
                             down_mb=f"{metrics['downlink_bytes'] / 1e6:.2f}")

@@ -314,3 +314,48 @@ def test_evaluation_finds_the_stage_folder(trained, tmp_path):
     assert evaluate.find_stage(str(workdir / "pretrain")) == str(workdir / "pretrain")
     with pytest.raises(FileNotFoundError, match="is a trained stage"):
         evaluate.find_stage(str(tmp_path))
+
+
+def test_step_budget_follows_the_data():
+    config = finetune_config()  # tiny: 2 epochs, batch 16, at least 2500 steps
+    assert trainer.step_budget(config, 20_000) == (2, 2500)  # Shapes-VQA: 2 epochs are 2500 steps already
+    assert trainer.step_budget(config, 4317) == (10, 2500)  # digits: 269 batches a pass -> 10 passes
+    assert trainer.step_budget(config, 200_000) == (2, 25_000)  # big data: the epochs decide
+    config.optim.accum_steps = 2  # 269 micro-batches a pass, 2 per step: 19 passes give >= 5000 micro-batches
+    assert trainer.step_budget(config, 4317) == (19, 2500)
+    config.optim.min_steps = 0
+    assert trainer.step_budget(config, 4317) == (2, 269)
+    assert trainer.step_budget(config, 8) == (2, 0)  # no full batch: the trainer reports it
+
+
+def test_collapse_is_visible_in_the_training_metrics(trained):
+    workdir, _ = trained
+    records = [r for r in read_metrics(str(workdir / "finetune")) if "ce_loss" in r]
+    for r in records:  # batch 4 x 9 image tokens of the tiny tower; RD-FSQ 2-bit
+        assert r["image_tokens"] == 36
+        assert 1 <= r["image_distinct_codes"] <= 36
+        assert 0 < r["image_code_entropy"] <= 2
+        assert 0 <= r["image_clipped"] < 0.05 and 0 <= r["text_clipped"] < 0.05
+
+
+def test_entropy_report_and_codec_quality_on_a_trained_run(trained):
+    from qtl_jax.compress.entropy import index_entropy
+    from qtl_jax.experiments import features
+
+    workdir, _ = trained
+    feats = features.client_features(str(workdir / "finetune"), "validation", max_samples=8)
+    image, text = feats["image"], feats["text"]
+    assert image.x.shape == (8 * 9, 128) and image.z.shape == (8 * 9, 128) and image.idx.dtype == np.uint8
+    assert text.x.shape[0] == text.z.shape[0] > 8  # the prompts' real text rows
+    report = features.entropy_report(feats, bits=2)
+    assert report["tokens_image"] == 72 and 1 <= report["distinct_codes_image"] <= 72
+    assert report["index_entropy_image"] == index_entropy(image.idx, 2)[0]
+    assert report["selected_bits_image"] == int(np.ceil(report["kde_entropy_image"]))
+    # The ANS coder cannot beat the per-channel entropy it models, and it pays for its tables.
+    assert report["entropy_coded_bits_image"] > report["index_entropy_image"] - 0.05
+    rows = features.quality_table({"image": image}, bits=(1, 4))
+    by = {(r["codec"], r["bits"]): r for r in rows}
+    for codec in ("rd_fsq", "fsq_tanh", "nf"):
+        assert by[(codec, 4)]["nmse"] < by[(codec, 1)]["nmse"]  # more bits, less distortion
+    assert by[("rd_fsq", 4)]["bits_per_element"] == 4.0 and by[("rd_fsq", 1)]["bits_per_element"] == 1.0
+    assert by[("nf", 4)]["bits_per_element"] > 4.0  # block minima and scales travel too

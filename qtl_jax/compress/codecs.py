@@ -9,7 +9,8 @@ A `Codec` is a frozen (hashable, static) description of a compressor's math betw
     qz   = codec.from_payload(p)        server
     q    = codec.dequantize(qz)         server: float32 values
     q    = codec.ste(code)              single program: the same values as the server's, differentiable
-    L    = codec.loss(code, q, mask)    client: commitment loss (0 for all but RD-FSQ)
+    L    = codec.loss(code, q, mask, z, m)  client: RD-FSQ's loss term (0 for the others)
+    s    = codec.stats(z, mask, m)      client: diagnostics, e.g. RD-FSQ's clipped fraction ({} for most)
 
 The gradient contract of the split runtime: the server returns dL/dq; the client pulls it back through
 `ste`, whose forward values equal the server's `dequantize` (bit for bit when both run eagerly or in
@@ -92,9 +93,16 @@ class Codec:
     def ste(self, code: jax.Array) -> jax.Array:
         raise NotImplementedError
 
-    def loss(self, code: jax.Array, q: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-        del code, q, mask
+    def loss(self, code: jax.Array, q: jax.Array, mask: jax.Array | None = None, z: jax.Array | None = None,
+             moments: Any = None) -> jax.Array:
+        """The client's loss term on the code (`z` and `moments`: the input of `encode` and its statistics)."""
+        del code, q, mask, z, moments
         return jnp.zeros((), jnp.float32)
+
+    def stats(self, z: jax.Array, mask: jax.Array | None = None, moments: Any = None) -> dict[str, jax.Array]:
+        """Training diagnostics of the encoding of `z` (float32 scalars, no gradient); {} when none."""
+        del z, mask, moments
+        return {}
 
     def to_payload(self, quantized: Quantized) -> Payload:
         idx = quantized.values
@@ -140,16 +148,20 @@ class _LevelCodec(Codec):
 
 @dataclasses.dataclass(frozen=True)
 class RDFSQ(_LevelCodec):
-    """RD-FSQ (SPEC §3.1): 3-sigma robust scaling over real rows, 2^b levels, cosine commitment loss."""
+    """RD-FSQ (SPEC §3.1): 3-sigma robust scaling over real rows, 2^b levels, and a loss term: `commitment`
+    "distortion" (our default, `rd_fsq.distortion_loss`) or "cosine" (the paper's `rd_fsq.commitment_loss`)."""
 
     name: ClassVar[str] = "rd_fsq"
     width: float = 3.0
     statistics: str = "batch"  # "batch" (training, the paper) or "sample" (inference)
+    commitment: str = "distortion"
 
     def __post_init__(self):
         super().__post_init__()
         if self.statistics not in STATISTICS:
             raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
+        if self.commitment not in rd_fsq_lib.LOSSES:
+            raise ValueError(f"commitment must be one of {rd_fsq_lib.LOSSES}, got {self.commitment!r}")
 
     def moments(self, z, mask=None):
         return rd_fsq_lib.masked_moments(z, check_mask(mask, z), per_sample=self.statistics == "sample")
@@ -160,8 +172,18 @@ class RDFSQ(_LevelCodec):
     def for_inference(self):
         return dataclasses.replace(self, statistics="sample")
 
-    def loss(self, code, q, mask=None):
-        return rd_fsq_lib.commitment_loss(code, q, mask)
+    def loss(self, code, q, mask=None, z=None, moments=None):
+        if self.commitment == "cosine":
+            return rd_fsq_lib.commitment_loss(code, q, mask)
+        if z is None:
+            raise ValueError("the distortion term needs the unclipped input z of encode")
+        v = rd_fsq_lib.robust_scale(z, mask, self.width, per_sample=self.statistics == "sample", moments=moments,
+                                    clip=False)
+        return rd_fsq_lib.distortion_loss(v, q, mask)
+
+    def stats(self, z, mask=None, moments=None):
+        moments = self.moments(z, mask) if moments is None else moments
+        return {"clipped": rd_fsq_lib.clipped_fraction(z, mask, self.width, moments)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -100,6 +100,29 @@ def index_entropy(idx, bits: int) -> tuple[float, np.ndarray]:
     return _entropy(counts.sum(0)), np.array([_entropy(c) for c in counts])
 
 
+def code_usage(codec, payload: Payload, mask=None) -> dict[str, float]:
+    """How many codes a batch's rows use: the collapse diagnostic logged while training.
+
+    Args:
+      codec: the `Codec` that made `payload`.
+      payload: a payload of features [..., N, C].
+      mask: optional bool[..., N], True for the rows to count (e.g. the image rows of image samples).
+
+    Returns:
+      {"tokens": real rows, "distinct_codes": distinct rows of transmitted values among them (a collapsed
+      quantizer gives every token the same few codes), and for index codecs "code_entropy": the plug-in
+      entropy of their indices in bits per element (at most `codec.bits`; low = few levels in use)}.
+    """
+    values = np.asarray(jax.device_get(codec.from_payload(payload).values))
+    rows = values.reshape(-1, values.shape[-1])
+    if mask is not None:
+        rows = rows[np.broadcast_to(np.asarray(jax.device_get(mask), bool), values.shape[:-1]).reshape(-1)]
+    out = {"tokens": len(rows), "distinct_codes": len(np.unique(rows, axis=0)) if len(rows) else 0}
+    if rows.dtype == np.uint8 and len(rows):
+        out["code_entropy"] = index_entropy(rows, codec.bits)[0]
+    return out
+
+
 def _host_indices(idx, bits: int) -> np.ndarray:
     """Indices as a host int32[rows, D] array; raises unless every value is in [0, 2^bits)."""
     idx = np.asarray(jax.device_get(check_indices(idx)))

@@ -40,12 +40,14 @@ class ClientOutput:
       loss: float32[] commitment loss (unweighted; 0 for codecs without one).
       moments: the statistics the codes were made with (RD-FSQ's mean and std), None for row-wise codecs;
         never sent.
+      stats: the codec's training diagnostics (`Codec.stats`, e.g. RD-FSQ's clipped fraction); never sent.
     """
 
     payload: Payload
     q: jax.Array
     loss: jax.Array
     moments: Any = None
+    stats: Any = None
 
 
 class Compressor(nn.Module):
@@ -82,11 +84,12 @@ class Compressor(nn.Module):
         return self._encode(x, mask, moments)[0]
 
     def _encode(self, x, mask=None, moments=None):
-        """(code, the moments it was made with): given `moments`, else the codec's own over `mask`'s rows."""
+        """(code, the moments it was made with, z = in_proj(x)): given `moments`, else the codec's own over
+        `mask`'s rows."""
         self._check(x)
         z = (self.in_proj(x) if self.codec.projected else x).astype(jnp.float32)
         moments = self.codec.moments(z, mask) if moments is None else moments
-        return self.codec.encode(z, mask, moments), moments
+        return self.codec.encode(z, mask, moments), moments, z
 
     def decode(self, q: jax.Array) -> jax.Array:
         """Server: float32[..., N, C] dequantized values -> float[..., N, D] (out_proj)."""
@@ -95,10 +98,11 @@ class Compressor(nn.Module):
     def client(self, x: jax.Array, mask: jax.Array | None = None, moments: Any = None) -> ClientOutput:
         """Client half: encode, quantize and pack float[..., N, D] features; see `ClientOutput`. `moments`
         (e.g. a prompt's, for generated tokens) replaces the statistics of `x` itself."""
-        code, moments = self._encode(x, mask, moments)
+        code, moments, z = self._encode(x, mask, moments)
         q = self.codec.ste(code)
         payload = self.codec.to_payload(self.codec.quantize(code))
-        return ClientOutput(payload=payload, q=q, loss=self.codec.loss(code, q, mask), moments=moments)
+        return ClientOutput(payload=payload, q=q, loss=self.codec.loss(code, q, mask, z, moments), moments=moments,
+                            stats=self.codec.stats(z, mask, moments))
 
     def server(self, payload: Payload) -> jax.Array:
         """Server half: unpack, dequantize and decode a payload -> float[..., N, D]."""
@@ -113,9 +117,9 @@ class Compressor(nn.Module):
 
         Equals `server(client(x).payload)` in value; gradients pass the quantizer straight through.
         """
-        code = self.encode(x, mask)
+        code, moments, z = self._encode(x, mask)
         q = self.codec.ste(code)
-        return self.decode(q), {"commitment_loss": self.codec.loss(code, q, mask)}
+        return self.decode(q), {"commitment_loss": self.codec.loss(code, q, mask, z, moments)}
 
 
 CLIENT_PARAMS = ("in_proj",)

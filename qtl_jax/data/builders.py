@@ -35,6 +35,9 @@ from qtl_jax.data.annotations import iter_annotations
 from qtl_jax.data.templates import TEMPLATE_WORDS, BadSample, format_prompt
 
 ON_BAD_SAMPLE = ("fail", "skip")
+# Datasets the project makes itself (config.data.dataset), besides "llava" (the user's files): Shapes-VQA,
+# rendered here, and scikit-learn's handwritten digits converted to LLaVA format (qtl_jax.data.digits).
+BUILT_IN = ("shapes", "digits")
 
 
 def _features():

@@ -196,6 +196,8 @@ class ClientResult:
       commitment_loss: float32[] alpha * (L_img + L_txt), the client's own loss term.
       text_moments: the text compressor's statistics (RD-FSQ: mean and std; float32[B, 1, 1] each with the
         inference config), which generated tokens are quantized with; None when there are none. Never sent.
+      stats: the compressors' training diagnostics as {"image_clipped": float32[], ...} (`Codec.stats`, keys
+        prefixed by modality); never sent.
     """
 
     uplink: Uplink
@@ -203,6 +205,7 @@ class ClientResult:
     q_text: jax.Array | None
     commitment_loss: jax.Array
     text_moments: Any = None
+    stats: Any = None
 
 
 def _id_dtype(vocab_size: int, reserved: int = 0):
@@ -269,18 +272,20 @@ class TinyLlavaClient(nn.Module):
         image_mask = jnp.broadcast_to((image_pos >= 0)[:, None], image_rows.shape[:2])
         image_out = self.image_compressor.client(image_rows, image_mask)
         loss = image_out.loss
+        stats = {f"image_{k}": v for k, v in image_out.stats.items()}
         text_moments = None
         if cfg.quantized_text:
             text_mask = attention_mask.astype(bool) & (input_ids != IMAGE_TOKEN_INDEX)
             text_out = self.text_compressor.client(text_rows, text_mask)
             text_payload, q_text, loss = text_out.payload, text_out.q, loss + text_out.loss
             text_moments = text_out.moments
+            stats.update({f"text_{k}": v for k, v in text_out.stats.items()})
         else:
             text_payload, q_text = _token_ids_payload(input_ids, cfg.lm.vocab_size), None
         uplink = Uplink(image=image_out.payload, text=text_payload, image_pos=image_pos, lengths=lengths,
                         labels=labels_to_wire(labels, cfg.lm.vocab_size))
         return ClientResult(uplink=uplink, q_image=image_out.q, q_text=q_text,
-                            commitment_loss=cfg.commitment_weight * loss, text_moments=text_moments)
+                            commitment_loss=cfg.commitment_weight * loss, text_moments=text_moments, stats=stats)
 
 
 class TinyLlavaServer(nn.Module):
@@ -341,13 +346,14 @@ class TinyLlava(nn.Module):
         self.server = TinyLlavaServer(self.config, self.dtype)
 
     def __call__(self, images, input_ids, attention_mask, labels):
-        """Returns (total loss = CE + alpha (L_img + L_txt), aux with ce_loss, commitment_loss, uplink_bytes)."""
+        """Returns (total loss = CE + alpha (L_img + L_txt), aux with ce_loss, commitment_loss, uplink_bytes,
+        stats (the client's diagnostics) and uplink (what the client sends))."""
         client = self.client(images, input_ids, attention_mask, labels)
         text = client.q_text if self.config.quantized_text else input_ids
         up = client.uplink
         ce, aux = self.server.loss(client.q_image, text, up.image_pos, up.lengths, up.labels)
         return ce + client.commitment_loss, {**aux, "commitment_loss": client.commitment_loss,
-                                             "uplink_bytes": up.nbytes}
+                                             "uplink_bytes": up.nbytes, "stats": client.stats, "uplink": up}
 
 
 def client_apply(config: TinyLlavaConfig, client_params, images, input_ids, attention_mask, labels,

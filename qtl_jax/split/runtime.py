@@ -267,7 +267,7 @@ class SplitTrainer:
     # -- step functions --------------------------------------------------------------------------------
     def _client_fn(self, params, batch):
         res = T.client_apply(self.model_config, params, *(batch[k] for k in MODEL_KEYS), dtype=self.dtype)
-        return (res.q_image, res.q_text, res.commitment_loss), res.uplink
+        return (res.q_image, res.q_text, res.commitment_loss), (res.uplink, res.stats)
 
     def _server_loss(self, params, q_image, q_text, uplink):
         server = T.TinyLlavaServer(self.model_config, self.dtype)
@@ -286,8 +286,8 @@ class SplitTrainer:
 
         def client_forward(trainable, frozen, batch):
             client_fn = lambda t: self._client_fn(combine(t, frozen), batch)
-            (q, vjp, uplink) = jax.vjp(client_fn, trainable, has_aux=True)
-            return uplink, q[2], vjp
+            (q, vjp, (uplink, stats)) = jax.vjp(client_fn, trainable, has_aux=True)
+            return uplink, q[2], vjp, stats
 
         def server_step(trainable, frozen, opt_state, uplink):
             server = T.TinyLlavaServer(cfg, self.dtype)
@@ -329,7 +329,9 @@ class SplitTrainer:
 
     def step(self, batch: dict) -> dict:
         """One training step on a host batch (numpy). Returns metrics: ce_loss, commitment_loss,
-        uplink_bytes, downlink_bytes (exact, from the payloads), as device scalars / Python ints."""
+        uplink_bytes, downlink_bytes (exact, from the payloads), as device scalars / Python ints; the client's
+        diagnostics `stats` ({"image_clipped": ...}, device scalars); and the `uplink` itself (on the client's
+        devices) for code-usage statistics (`qtl_jax.compress.entropy.code_usage`)."""
         if self.abstract:
             raise RuntimeError("this trainer was built from shapes only (jax.ShapeDtypeStruct): it can "
                                "compile_steps but not run them")
@@ -342,11 +344,12 @@ class SplitTrainer:
             self.state = {"client": HalfState(c_train, client.frozen, c_opt),
                           "server": HalfState(s_train, server.frozen, s_opt)}
             return {"ce_loss": ce, "commitment_loss": aux["commitment_loss"],
-                    "uplink_bytes": int(aux["uplink_bytes"]), "downlink_bytes": 0}
+                    "uplink_bytes": int(aux["uplink_bytes"]), "downlink_bytes": 0, "stats": aux["stats"],
+                    "uplink": aux["uplink"]}
         data = to_mesh(model_batch, self.meshes["client"])
         with jax.transfer_guard("disallow"):
             with jax.set_mesh(self.meshes["client"]):
-                uplink, commitment, vjp = self._client_forward(client.trainable, client.frozen, data)
+                uplink, commitment, vjp, stats = self._client_forward(client.trainable, client.frozen, data)
             uplink_server = to_mesh(uplink, self.meshes["server"])
             with jax.set_mesh(self.meshes["server"]):
                 s_train, s_opt, ce, aux, downlink = self._server_step(server.trainable, server.frozen,
@@ -357,7 +360,7 @@ class SplitTrainer:
         self.state = {"client": HalfState(c_train, client.frozen, c_opt),
                       "server": HalfState(s_train, server.frozen, s_opt)}
         return {"ce_loss": ce, "commitment_loss": commitment, "uplink_bytes": uplink.nbytes,
-                "downlink_bytes": downlink_nbytes(downlink)}
+                "downlink_bytes": downlink_nbytes(downlink), "stats": stats, "uplink": uplink}
 
     def compile_steps(self, batch: dict) -> dict[str, Any]:
         """Ahead-of-time compiled step functions for a batch of this shape (arrays or ShapeDtypeStructs):
@@ -376,7 +379,7 @@ class SplitTrainer:
         # By leaves: the vjp's static part (its jaxpr) differs between two traces of the same function.
         placed = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh) for s, sh in
                   zip(jax.tree.leaves(out_shapes), jax.tree.leaves(forward.output_shardings), strict=True)]
-        uplink, _, vjp = jax.tree.unflatten(jax.tree.structure(out_shapes), placed)
+        uplink, _, vjp, _ = jax.tree.unflatten(jax.tree.structure(out_shapes), placed)
         with jax.set_mesh(self.meshes["server"]):
             server_args = (server.trainable, server.frozen, server.opt_state,
                            _abstract_on(uplink, self.meshes["server"]))

@@ -16,7 +16,7 @@ from qtl_jax.compress import (
     rd_fsq,
     robust_scale,
 )
-from qtl_jax.compress.rd_fsq import masked_moments
+from qtl_jax.compress.rd_fsq import clipped_fraction, distortion_loss, masked_moments
 
 
 def test_four_levels_are_exactly_thirds():
@@ -88,6 +88,76 @@ def test_commitment_loss_hand_case():
     np.testing.assert_array_equal(jax.grad(lambda q: commitment_loss(u, q))(q), 0.0)
 
 
+def test_distortion_loss_hand_case():
+    v = jnp.array([[0.5, 1.5], [-0.2, 0.0]])
+    q = jnp.array([[1 / 3, 1.0], [-1 / 3, 1 / 3]])
+    first = ((0.5 - 1 / 3) ** 2 + 0.5**2) / 2
+    second = ((-0.2 + 1 / 3) ** 2 + (1 / 3) ** 2) / 2
+    np.testing.assert_allclose(distortion_loss(v, q), (first + second) / 2, rtol=1e-6)
+    np.testing.assert_allclose(distortion_loss(v, q, jnp.array([True, False])), first, rtol=1e-6)
+    np.testing.assert_allclose(jax.grad(lambda v: distortion_loss(v, q))(v), (v - q) / 2, rtol=1e-6)
+    np.testing.assert_array_equal(jax.grad(lambda q: distortion_loss(v, q))(q), 0.0)
+
+
+def test_saturation_satisfies_the_cosine_term_but_not_the_distortion_term():
+    """The collapse mechanism in one picture: rows pushed past the 3-sigma clip sit exactly on the outer levels,
+    so the paper's cosine term is ~0 there and passes no gradient back (the clip blocks it), while the
+    distortion term grows with the distance past the clip and pulls the values back."""
+    key = jax.random.key(0)
+    calm = jax.random.normal(key, (64, 8))
+    signs = jnp.where(jax.random.bernoulli(jax.random.key(1), 0.5, (4, 8)), 1.0, -1.0)
+    saturated = signs * 40.0  # far past mean +- 3 std of the batch
+    z = jnp.concatenate([calm, saturated])
+    only_saturated = jnp.arange(68) >= 64
+
+    def losses(z):
+        moments = masked_moments(z, None)
+        u = robust_scale(z, moments=moments)
+        q = levels_ste(u, 2)
+        v = robust_scale(z, moments=moments, clip=False)
+        return commitment_loss(u, q, only_saturated), distortion_loss(v, q, only_saturated)
+
+    cosine, distortion = losses(z)
+    assert float(cosine) < 1e-3  # saturated rows are "committed" at no cost
+    # ... but the distortion term charges them exactly their clipping error, (|v| - 1)^2 per element (here
+    # 40 / (3 std ~ 29) ~ 1.37 in scaled units): the further past the clip, the higher.
+    v = robust_scale(z, moments=masked_moments(z, None), clip=False)[64:]
+    np.testing.assert_allclose(distortion, jnp.mean(jnp.square(jnp.abs(v) - 1)), rtol=1e-5)
+    assert float(distortion) > 0.1
+    np.testing.assert_allclose(clipped_fraction(z), 32 / (68 * 8), rtol=1e-6)
+    # The gradient on the saturated values themselves: none from the cosine term, a pull back from distortion.
+    g_cos = jax.grad(lambda z: losses(z)[0])(z)[64:]
+    g_dist = jax.grad(lambda z: losses(z)[1])(z)[64:]
+    np.testing.assert_allclose(g_cos, 0.0, atol=1e-9)  # (only ~1e-13 through the statistics)
+    assert float(jnp.mean(g_dist * signs)) > 0  # descent moves each value towards the clip range
+
+
+def test_clipped_fraction_hand_case():
+    z = jnp.concatenate([jnp.zeros(99), jnp.array([100.0])])[None, :, None] * jnp.ones((1, 1, 2))
+    # mean 1, unbiased std = sqrt((99 + 99^2) / 199) ~ 9.97: only the 100s are past 1 + 3 std.
+    np.testing.assert_allclose(clipped_fraction(z), 0.01, rtol=1e-6)
+    mask = jnp.arange(100)[None] < 99  # without the last row nothing is clipped (a constant: std 0)
+    np.testing.assert_allclose(clipped_fraction(z, mask), 0.0)
+
+
+def test_codec_loss_terms_and_stats():
+    z = jax.random.normal(jax.random.key(2), (2, 5, 16)) * 3 + 0.5
+    mask = jnp.ones((2, 5), bool).at[1, 3:].set(False)
+    default, paper = make_codec("rd_fsq", 2), make_codec("rd_fsq", 2, commitment="cosine")
+    assert default.commitment == "distortion"
+    moments = default.moments(z, mask)
+    code = default.encode(z, mask, moments)
+    q = default.ste(code)
+    np.testing.assert_allclose(paper.loss(code, q, mask), commitment_loss(code, q, mask), rtol=1e-6)
+    v = robust_scale(z, mask, moments=moments, clip=False)
+    np.testing.assert_allclose(default.loss(code, q, mask, z, moments), distortion_loss(v, q, mask), rtol=1e-6)
+    np.testing.assert_allclose(default.stats(z, mask, moments)["clipped"], clipped_fraction(z, mask), rtol=1e-6)
+    assert make_codec("fsq_tanh", 2).stats(z, mask) == {}
+    assert codec_from_dict(codec_to_dict(paper)) == paper
+    with pytest.raises(ValueError, match="commitment must be one of"):
+        make_codec("rd_fsq", 2, commitment="l1")
+
+
 def test_levels_ste_value_equals_server_and_gradient_is_identity():
     u = jax.random.uniform(jax.random.key(0), (4, 16), minval=-1, maxval=1)
     for bits in (1, 2, 3, 4, 8):
@@ -103,8 +173,12 @@ def test_rd_fsq_bundle_matches_pieces():
     u = robust_scale(z, mask)
     np.testing.assert_array_equal(idx, quantize_levels(u, 2))
     np.testing.assert_array_equal(q, dequantize_levels(idx, 2))
-    np.testing.assert_allclose(loss, commitment_loss(u, q, mask), rtol=1e-6)
+    np.testing.assert_allclose(loss, distortion_loss(robust_scale(z, mask, clip=False), q, mask), rtol=1e-6)
     assert idx.dtype == jnp.uint8 and int(idx.max()) <= 3
+    _, _, cosine = rd_fsq(z, 2, mask, loss="cosine")
+    np.testing.assert_allclose(cosine, commitment_loss(u, q, mask), rtol=1e-6)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        rd_fsq(z, 2, mask, loss="l2")
 
 
 def test_per_sample_statistics_are_each_sample_alone():

@@ -154,7 +154,7 @@ def _vjp_residual_bytes(cfg, trainable):
     trainer = _partial_trainer(cfg, "meshes", trainable, optax.sgd(0.1))
     client = trainer.state["client"]
     data = {k: v for k, v in _batch().items()}
-    _, _, vjp = jax.eval_shape(trainer._client_forward, client.trainable, client.frozen, data)
+    _, _, vjp, _ = jax.eval_shape(trainer._client_forward, client.trainable, client.frozen, data)
     return _array_bytes(vjp)
 
 

@@ -1,0 +1,249 @@
+"""Every claim of the paper on our data, with error bars, from one command (SPEC §7).
+
+    python -m qtl_jax.experiments.sweep --out DIR [--datasets shapes,digits]
+        [--compressors none_fp16,rd_fsq,fsq_tanh,nf] [--bits 2] [--seeds 0,1,2] [--set FIELD=VALUE ...]
+        [--quick] [--dry-run]
+
+trains the tiny recipe (`configs/finetune.py`, both stages) once per (dataset, compressor, bits, seed), with the
+same recipe for every compressor, fp16 included, into DIR/DATASET/COMPRESSOR/bBITS/seedSEED (a `train.py`
+workdir each; a finished run is reused and a killed one resumes, so an interrupted sweep simply continues).
+After each run it measures, on the validation split: the KDE entropy of the compressor inputs and the bit
+width the paper's criterion picks, the entropy of the 2-bit indices and what the ANS coder spends on them
+(`features.entropy_report`); for the fp16 runs also the quality of every codec at 1-4 bits without training
+(`features.quality_table`). Then it writes, over every finished run under DIR (so several invocations with
+different --bits or --seeds add up):
+
+    DIR/results.csv                 one row per run
+    DIR/summary.md                  per dataset: accuracy mean ± std over seeds, relative to fp16 (paired by
+                                    seed), bytes up and down per sample; the entropy table; the quality table
+    DIR/plots/*.png                 accuracy vs bits (error bars), accuracy vs uplink bytes
+
+Compressor names: the codecs of `qtl_jax.compress` ("none_fp16", "rd_fsq", "fsq_tanh", "nf"), plus
+"rd_fsq_cosine": RD-FSQ with the paper's cosine commitment term instead of our default distortion term.
+`--quick` runs a small setting end to end in about a minute (the tests run it): Shapes-VQA "smoke", a few
+steps, fp16 and RD-FSQ 2-bit, seed 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from qtl_jax.experiments import report
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DATASETS = ("shapes", "digits")
+# Compressor name -> config overrides (beyond compressor.image / compressor.text = the codec).
+VARIANTS = {"rd_fsq_cosine": ("rd_fsq", {"compressor.commitment": "cosine"})}
+CODECS = ("none_fp16", "none_bf16", "none_fp32", "rd_fsq", "fsq_tanh", "nf")
+QUICK = {"data.shapes_config": "smoke", "optim.max_steps": 6, "eval.max_examples": 16, "log_every": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    dataset: str
+    compressor: str
+    bits: int
+    seed: int
+
+    @property
+    def codec(self) -> str:
+        return VARIANTS.get(self.compressor, (self.compressor, {}))[0]
+
+    def workdir(self, out: str) -> str:
+        return os.path.join(out, self.dataset, self.compressor, f"b{self.bits}", f"seed{self.seed}")
+
+    def overrides(self) -> dict:
+        values = {"data.dataset": self.dataset, "seed": self.seed, "compressor.image": self.codec,
+                  "compressor.text": self.codec, "compressor.bits": self.bits if self.bits <= 8 else 2}
+        values.update(VARIANTS.get(self.compressor, (None, {}))[1])
+        return values
+
+
+def plan(datasets, compressors, bits, seeds) -> list[Run]:
+    """The runs of a sweep; the uncompressed baselines run once per seed (their `bits` is 16 or 32)."""
+    runs = []
+    for dataset in datasets:
+        if dataset not in DATASETS:
+            raise ValueError(f"--datasets: unknown dataset {dataset!r}; expected some of {DATASETS}")
+        for compressor in compressors:
+            if compressor not in CODECS and compressor not in VARIANTS:
+                raise ValueError(f"--compressors: unknown compressor {compressor!r}; expected some of "
+                                 f"{CODECS + tuple(VARIANTS)}")
+            widths = [32 if compressor == "none_fp32" else 16] if compressor.startswith("none_") else bits
+            for b in widths:
+                if not compressor.startswith("none_") and not 1 <= b <= 8:
+                    raise ValueError(f"--bits: {b} is not in 1..8")
+                runs.extend(Run(dataset, compressor, b, seed) for seed in seeds)
+    return runs
+
+
+def _finetune_summary(workdir: str) -> dict | None:
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summaries = json.load(f)
+    last = summaries[-1] if summaries else {}
+    if last.get("stage") != "finetune" or last.get("interrupted") or "test_accuracy" not in last:
+        return None
+    return last
+
+
+def train(run: Run, out: str, overrides: dict, log=print) -> dict:
+    """Trains (or resumes, or reuses) one run in its own process; returns its stage-2 summary."""
+    workdir = run.workdir(out)
+    summary = _finetune_summary(workdir)
+    if summary is not None:
+        return summary
+    os.makedirs(workdir, exist_ok=True)
+    values = {"data.data_dir": os.path.join(out, "tfds"), **run.overrides(), **overrides}
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "finetune.py"),
+               "--workdir", workdir, *(f"--config.{k}={v}" for k, v in values.items())]
+    log(f"[sweep] training {run} -> {workdir}")
+    start = time.perf_counter()
+    with open(os.path.join(workdir, "train.log"), "a") as stream:
+        result = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, check=False)
+    if result.returncode:
+        raise RuntimeError(f"{run}: training failed (exit {result.returncode}); see {workdir}/train.log")
+    summary = _finetune_summary(workdir)
+    if summary is None:
+        raise RuntimeError(f"{run}: training ended without a stage-2 summary; see {workdir}/train.log")
+    with open(os.path.join(workdir, "wall_s.json"), "w") as f:
+        json.dump({"wall_s": time.perf_counter() - start}, f)
+    return summary
+
+
+def analyse(run: Run, out: str, max_samples: int) -> dict:
+    """The run's entropy report (and, for fp16, the codec quality table), computed once and cached."""
+    from qtl_jax.experiments import features
+    from qtl_jax.models.convert import write_json
+
+    stage_dir = os.path.join(run.workdir(out), "finetune")
+    path = os.path.join(stage_dir, "analysis.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return json.load(f)
+    feats = features.client_features(stage_dir, "validation", max_samples)
+    analysis = {"entropy": features.entropy_report(feats, run.bits if run.bits <= 8 else None)}
+    if run.compressor == report.FP16:
+        analysis["quality"] = features.quality_table(feats)
+    write_json(path, analysis)
+    return analysis
+
+
+def result_row(run: Run, out: str, summary: dict, analysis: dict) -> dict:
+    wall = None
+    wall_file = os.path.join(run.workdir(out), "wall_s.json")
+    if os.path.isfile(wall_file):
+        with open(wall_file) as f:
+            wall = json.load(f)["wall_s"]
+    return {"dataset": run.dataset, "compressor": run.compressor, "bits": run.bits, "seed": run.seed,
+            "accuracy": summary["test_accuracy"]["all"],
+            "val_accuracy": summary.get("validation_accuracy", {}).get("all"),
+            "uplink_bytes_per_sample": summary.get("uplink_bytes_per_sample"),
+            "downlink_bytes_per_sample": summary.get("downlink_bytes_per_sample"), "wall_s": wall,
+            **analysis.get("entropy", {})}
+
+
+def finished_runs(out: str) -> list[Run]:
+    """Every finished run under `out` (whatever invocation trained it)."""
+    runs = []
+    for dataset in DATASETS:
+        for compressor in sorted(os.listdir(os.path.join(out, dataset))) if os.path.isdir(
+                os.path.join(out, dataset)) else ():
+            folder = os.path.join(out, dataset, compressor)
+            for b in sorted(os.listdir(folder)):
+                for s in sorted(os.listdir(os.path.join(folder, b))):
+                    if b.startswith("b") and s.startswith("seed") and os.path.isdir(os.path.join(folder, b, s)):
+                        run = Run(dataset, compressor, int(b[1:]), int(s[4:]))
+                        if _finetune_summary(run.workdir(out)) is not None:
+                            runs.append(run)
+    return runs
+
+
+def write_all(out: str, max_samples: int) -> dict:
+    """results.csv, summary.md (with the quality tables) and the plots over every finished run under `out`."""
+    from qtl_jax.experiments import features
+
+    rows, quality = [], {}
+    for run in finished_runs(out):
+        analysis = analyse(run, out, max_samples)
+        rows.append(result_row(run, out, _finetune_summary(run.workdir(out)), analysis))
+        if "quality" in analysis and run.dataset not in quality:
+            quality[run.dataset] = (run.seed, analysis["quality"])
+    if not rows:
+        raise RuntimeError(f"{out}: no finished run to report")
+    files = report.write_report(rows, out)
+    if quality:
+        with open(files["markdown"], "a") as f:
+            for dataset, (seed, table) in sorted(quality.items()):
+                f.write(f"\n## {dataset}: codec quality without training\n\nOn the validation features of the "
+                        f"fp16 run (seed {seed}); the first half of the rows fits a least-squares decoder, the "
+                        f"second half is scored (`qtl_jax.experiments.features.reconstruction_quality`).\n\n")
+                f.write(features.quality_markdown(table))
+    return files
+
+
+def _parse_set(items) -> dict:
+    values = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set: expected FIELD=VALUE, got {item!r}")
+        values[key] = value
+    return values
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from e
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--datasets", default="shapes,digits")
+    parser.add_argument("--compressors", default="none_fp16,rd_fsq,fsq_tanh,nf")
+    parser.add_argument("--bits", default="2")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                        help="a config override for every run, e.g. --set optim.min_steps=1000 (repeatable)")
+    parser.add_argument("--analysis-samples", type=int, default=512, help="validation samples for the entropy "
+                        "and quality measurements")
+    parser.add_argument("--quick", action="store_true", help="a small end-to-end setting (tests)")
+    parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    args = parser.parse_args(argv)
+    datasets = [d for d in args.datasets.split(",") if d]
+    compressors = [c for c in args.compressors.split(",") if c]
+    overrides = _parse_set(args.set)
+    if args.quick:
+        overrides = {**QUICK, **overrides}
+        datasets = ["shapes"] if args.datasets == parser.get_default("datasets") else datasets
+        compressors = (["none_fp16", "rd_fsq"] if args.compressors == parser.get_default("compressors")
+                       else compressors)
+        args.seeds = "0" if args.seeds == parser.get_default("seeds") else args.seeds
+        args.analysis_samples = min(args.analysis_samples, 16)
+    runs = plan(datasets, compressors, _ints(args.bits, "--bits"), _ints(args.seeds, "--seeds"))
+    if args.dry_run:
+        for run in runs:
+            print(run, "->", run.workdir(args.out))
+        return {}
+    os.makedirs(args.out, exist_ok=True)
+    for i, run in enumerate(runs):
+        print(f"[sweep] {i + 1}/{len(runs)}: {run}", flush=True)
+        train(run, args.out, overrides)
+    files = write_all(args.out, args.analysis_samples)
+    print(f"[sweep] wrote {files['csv']}, {files['markdown']} and {len(files['plots'])} plots")
+    return files
+
+
+if __name__ == "__main__":
+    main()
