@@ -83,6 +83,8 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # saturation cannot satisfy) or "cosine" (the paper's commitment, which saturation satisfies: code collapse;
     # see qtl_jax.compress.rd_fsq and README "Code collapse").
     c.compressor.commitment = "distortion"
+    # RD-FSQ: weight of a code-usage (entropy) term added to the loss term (rd_fsq.usage_loss; 0 = off).
+    c.compressor.usage_weight = 0.0
 
     c.split = ml_collections.ConfigDict()
     c.split.mode = "meshes"  # single | meshes

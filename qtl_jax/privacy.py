@@ -12,7 +12,7 @@ Scores are dm-pix's PSNR and SSIM on images mapped to [0, 1], next to the floor 
 predicting the attacker's mean training image for every evaluated image (`mean_image_baseline`). A linear
 probe (`qtl_jax.probe.linear_probe_accuracy`) says what semantic content the uplink carries: per object
 token colour and shape on Shapes-VQA, the image label on LLaVA-format data whose records carry an integer
-"label" (the digits dataset); the same probe on the connector rows (before the compressor, never sent)
+"label" (the built-in digits dataset does); the same probe on the connector rows (before the compressor, never sent)
 shows how much the compressor removed.
 
     python -m qtl_jax.privacy --runs fp16=/tmp/run_fp16,rd2=/tmp/run_rd2 --out /tmp/privacy
@@ -171,32 +171,27 @@ def _init(inverter: Inverter, key, tokens):
     return inverter.init(key, tokens)["params"]
 
 
-def _optimizer(lr: float, steps: int) -> optax.GradientTransformation:
-    return optax.adam(optax.cosine_decay_schedule(lr, max(steps, 1)))
-
-
-# Module level, with the settings static: every attack of the same shapes and settings shares one compilation.
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(4, 5))
-def _train_step(inverter: Inverter, lr: float, steps: int, batch_size: int, params, opt_state, inputs, targets,
-                data_key, number):
+# Module level, with the settings static: every attack of the same shapes and batch size shares one compilation
+# (the learning rate of each step comes in as an argument, from a host-side schedule).
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2, 3))
+def _train_step(inverter: Inverter, batch_size: int, params, adam_state, inputs, targets, data_key, number, lr):
     index = jax.random.randint(jax.random.fold_in(data_key, number), (batch_size,), 0, len(inputs))
 
     def loss_fn(p):
         return jnp.mean(jnp.square(inverter.apply({"params": p}, inputs[index]) - targets[index]))
 
     grads = jax.grad(loss_fn)(params)
-    updates, opt_state = _optimizer(lr, steps).update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
+    updates, adam_state = optax.scale_by_adam().update(grads, adam_state, params)
+    return jax.tree.map(lambda p, u: p - lr * u, params, updates), adam_state
 
 
 def train_inverter(features: np.ndarray, images: np.ndarray, *, steps: int = 1500, batch_size: int = 64,
                    lr: float = 1e-3, seed: int = 0, width: int = 64, min_width: int = 16) -> InverterParams:
-    """Trains an `Inverter` on (uplink, image) pairs: Adam (cosine-decayed learning rate), pixel MSE.
+    """Trains an `Inverter` on (uplink, image) pairs: Adam with a cosine-decayed learning rate, pixel MSE.
 
-    The features are centred per token and channel and scaled by one standard deviation, with their own
-    statistics (the attacker's; see `InverterParams`), and the
-    decoder's image bias starts at atanh of the mean training image, so training starts from the
-    mean-image baseline and learns what the features add to it.
+    The features are centred per token and channel and scaled by one standard deviation, with the statistics
+    of the attacker's own features (see `InverterParams`). The decoder's image bias starts at atanh of the
+    mean training image: training starts from the mean-image baseline and learns what the features add.
 
     Args:
       features: float32[B, N, C] uplinks of the attacker's images.
@@ -222,12 +217,12 @@ def train_inverter(features: np.ndarray, images: np.ndarray, *, steps: int = 150
     init_key, data_key = jax.random.split(jax.random.key(seed, impl="rbg"))
     params = _init(inverter, init_key, (features[:1] - mean) / scale)
     params["image_bias"] = jnp.arctanh(jnp.clip(images.mean(axis=0), -0.99, 0.99))
-    tx = _optimizer(lr, steps)
-    opt_state = tx.init(params)
+    rates = np.asarray(optax.cosine_decay_schedule(lr, max(steps, 1))(np.arange(steps)), np.float32)
+    adam_state = optax.scale_by_adam().init(params)
     inputs, targets = jax.device_put((features - mean) / scale), jax.device_put(images)
     for number in range(steps):
-        params, opt_state = _train_step(inverter, lr, steps, batch_size, params, opt_state, inputs, targets,
-                                        data_key, number)
+        params, adam_state = _train_step(inverter, batch_size, params, adam_state, inputs, targets, data_key, number,
+                                         rates[number])
     return InverterParams(inverter=inverter, params=params, feature_mean=jnp.asarray(mean),
                           feature_scale=jnp.asarray(scale))
 
@@ -279,34 +274,23 @@ def mean_image_baseline(train_images: np.ndarray, eval_images: np.ndarray) -> di
     return inversion_scores(np.broadcast_to(mean, np.shape(eval_images)), eval_images)
 
 
-def uplink_probe(features: np.ndarray, labels: np.ndarray, fit_features: np.ndarray | None = None,
-                 fit_labels: np.ndarray | None = None) -> dict[str, float]:
-    """What a least-squares linear probe (`linear_probe_accuracy`) reads from image features.
+def uplink_probe(features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """What a least-squares linear probe (`linear_probe_accuracy`: fit on the first half of the samples,
+    scored on the second) reads from image features.
 
     Image-level labels int[B] are probed from the mean over tokens of features float[B, N, C]; per-token
     labels int[B, N] (-1 where a token has none) from each labelled token's features.
 
-    Args:
-      features, labels: the samples the probe is scored on.
-      fit_features, fit_labels: other samples to fit it on (the attacker's own images); None fits on the first
-        half of `features` and scores on the second.
-
     Returns:
-      {"accuracy": the probe's, "majority": predicting the most frequent fitted label}; with fit samples the
-      probe fits on as many of them as it is scored on.
+      {"accuracy": the probe's, "majority": predicting the most frequent label of the first half}.
     """
-    def samples(x, y):
-        x, y = np.asarray(x, np.float32), np.asarray(y)
-        if y.ndim == 1:
-            return x.mean(axis=1), y.astype(np.int64)
+    x, y = np.asarray(features, np.float32), np.asarray(labels)
+    if y.ndim == 1:
+        x = x.mean(axis=1)
+    else:
         keep = y >= 0
-        return x[keep], y[keep].astype(np.int64)
-
-    x, y = samples(features, labels)
-    if fit_features is not None:
-        fit_x, fit_y = samples(fit_features, fit_labels)
-        n = min(len(fit_y), len(y))
-        x, y = np.concatenate([fit_x[:n], x[:n]]), np.concatenate([fit_y[:n], y[:n]])
+        x, y = x[keep], y[keep]
+    y = y.astype(np.int64)
     half = len(y) // 2
     majority = float(np.mean(y[half:] == np.bincount(y[:half]).argmax()))
     return {"accuracy": linear_probe_accuracy(x, y), "majority": majority}
@@ -460,6 +444,11 @@ def attack_run(workdir: str, *, steps: int = 1500, attack_images: int = 2000, ev
     """The attack on one trained run: train the inverter on the run's training images, reconstruct its
     validation images (disjoint by content hash), score them, probe the uplink.
 
+    Images: Shapes-VQA's "train" and "validation" splits; the digits dataset's train.json and validation.json;
+    for LLaVA-format data the unique images of `data.annotation_file` (under `data.image_root`) and of the
+    `data.eval_files` entry named "validation" (under `evaluate.eval_image_root`). Each set is drawn in a
+    seeded random order; attacker images whose content hash is also evaluated are dropped and counted.
+
     Args:
       workdir: a `train.py` workdir (its finetune stage) or a stage folder.
       steps, batch_size, lr: the inverter's training (`train_inverter`).
@@ -472,8 +461,9 @@ def attack_run(workdir: str, *, steps: int = 1500, attack_images: int = 2000, ev
       {"workdir", "compressor", "bits", "attack_images", "eval_images", "overlap_dropped" (attacker images left
       out because they are also evaluated), "psnr", "psnr_std", "ssim", "ssim_std", "baseline_psnr",
       "baseline_psnr_std", "baseline_ssim", "baseline_ssim_std", "probes": {label name: {"uplink", "rows",
-      "majority"}}, "originals" and "reconstructions": float32[eval_images, S, S, 3] in [-1, 1],
-      "eval_hashes": the evaluated images' content hashes, in order}.
+      "majority"}} (probe accuracies on the uplink and on the connector rows, and the majority label's, over
+      the attacker's then the evaluated images: `uplink_probe`), "originals" and "reconstructions":
+      float32[eval_images, S, S, 3] in [-1, 1], "eval_hashes": the evaluated images' content hashes, in order}.
     """
     from qtl_jax import checkpoint, trainer
     from qtl_jax.data.tokenizer import load_tokenizer
@@ -500,13 +490,14 @@ def attack_run(workdir: str, *, steps: int = 1500, attack_images: int = 2000, ev
     reconstructions = reconstruct(attack, eval_q)
     scores = inversion_scores(reconstructions, data["eval_images"])
     baseline = mean_image_baseline(data["train_images"], data["eval_images"])
+    # The probe needs more samples than feature dimensions: it runs over all the attacked images, the attacker's
+    # then the evaluated ones (fit on the first half, scored on the second).
     probes = {}
     for name, labels in data["eval_labels"].items():
-        fit = data["train_labels"][name]
-        uplink = uplink_probe(eval_q, labels, train_q, fit)
-        probes[name] = {"uplink": uplink["accuracy"], "rows": uplink_probe(eval_rows, labels, train_rows,
-                                                                           fit)["accuracy"],
-                        "majority": uplink["majority"]}
+        labels = np.concatenate([data["train_labels"][name], labels])
+        uplink = uplink_probe(np.concatenate([train_q, eval_q]), labels)
+        rows = uplink_probe(np.concatenate([train_rows, eval_rows]), labels)
+        probes[name] = {"uplink": uplink["accuracy"], "rows": rows["accuracy"], "majority": uplink["majority"]}
     log(f"  PSNR {scores['psnr']:.2f} dB (mean image {baseline['psnr']:.2f}), SSIM {scores['ssim']:.3f} "
         f"(mean image {baseline['ssim']:.3f})" + "".join(f"; probe {k} {v['uplink']:.3f}" for k, v in probes.items()))
     return {"workdir": workdir, "compressor": codec.name, "bits": codec.bits,

@@ -58,7 +58,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 
-from qtl_jax.data.annotations import iter_annotations
+from qtl_jax.data.annotations import iter_annotations, jsonl_lines
 
 # --- normalisation -----------------------------------------------------------------------------------------
 
@@ -337,15 +337,11 @@ def read_jsonl(path: str) -> list[dict]:
         raise FileNotFoundError(f"{path}: no such file")
     records = []
     with open(path, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: malformed JSON line ({e.msg})") from e
+        for number, record, error in jsonl_lines(path, f):
+            if error:
+                raise ValueError(error)
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {line.strip()[:60]}")
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {json.dumps(record)[:60]}")
             records.append(record)
     return records
 

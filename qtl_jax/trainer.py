@@ -140,7 +140,8 @@ def train_source(config):
 # ------------------------------------------------------------------------------------------------- model
 def _codec(config, name: str):
     # Runs saved before the loss term was a field trained with the paper's cosine term.
-    options = {"commitment": config.compressor.get("commitment", "cosine")} if name == "rd_fsq" else {}
+    options = {"commitment": config.compressor.get("commitment", "cosine"),
+               "usage_weight": config.compressor.get("usage_weight", 0.0)} if name == "rd_fsq" else {}
     return make_codec(name, config.compressor.bits, **options)
 
 

@@ -12,3 +12,43 @@ jax.config.update("jax_num_cpu_devices", 8)
 # compilation cache for the session turns the repeats into disk reads.
 jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="qtl_jax_xla_cache_"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+import pytest  # noqa: E402
+
+
+def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
+    """The tiny preset on the smoke-sized Shapes-VQA, 3 steps a stage, 8 examples evaluated, 2 + 4 devices;
+    `overrides` as {"section.field": value}. The tfds folder is shared by the session (generated once)."""
+    from configs.finetune import get_config as finetune_config
+    from configs.pretrain import get_config as pretrain_config
+
+    config = (finetune_config if stage == "finetune" else pretrain_config)(arg)
+    config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
+    config.data.shapes_config = "smoke"
+    config.optim.batch_size = 4
+    if "stage1" in config:
+        config.stage1.optim.batch_size = 4
+    config.optim.max_steps = 3
+    config.log_every = 1
+    config.eval.max_examples = 8
+    config.eval.batch_size = 8
+    config.split.client_mesh = (2, 1, 1)
+    config.split.server_mesh = (1, 2, 2)
+    for key, value in overrides.items():
+        section, _, field = key.rpartition(".")
+        node = config
+        for name in filter(None, section.split(".")):
+            node = node[name]
+        node[field] = value
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Both stages of `smoke_config`, meshes mode, trained once per session: (workdir, summary). Tests that
+    read a trained run (trainer, evaluation, probe, notebooks, privacy) share it; none may modify it."""
+    from qtl_jax import trainer
+
+    workdir = tmp_path_factory.mktemp("run")
+    return workdir, trainer.train_and_evaluate(smoke_config(tmp_path_factory), str(workdir))

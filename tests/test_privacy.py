@@ -39,8 +39,9 @@ def _pooled_features(images: np.ndarray, projection: np.ndarray) -> np.ndarray:
     return cells.transpose(0, 1, 3, 2, 4, 5).reshape(n, 9, 48) @ projection
 
 
-# Measured with these settings (seed 0): mean image 14.1 dB; decoder on the informative uplink 21.6-22.1 dB,
-# on noise 13.6 dB. The asserted margin leaves more than a factor 2 of safety on either side.
+# Measured with these settings (seed 0): mean image 14.08 dB; the decoder on the informative uplink 22.13 dB
+# (+8.1), on noise 13.61 dB (-0.5); data seeds 1 and 2: +6.7 and +8.2 dB, noise -0.2 and -0.3 dB. The margin
+# leaves a factor of 2 on the informative side and 3 dB on the noise side.
 MARGIN_DB = 3.0
 
 
@@ -102,9 +103,11 @@ def test_uplink_probe_reads_image_and_token_labels():
     token_labels[np.arange(400), rng.integers(0, 9, 400)] = image_labels
     token_features = rng.normal(0, 0.05, (400, 9, 16)) + np.where(token_labels[..., None] >= 0,
                                                                    directions[np.maximum(token_labels, 0)], 0)
-    probe = P.uplink_probe(token_features[200:], token_labels[200:], token_features[:200], token_labels[:200])
+    probe = P.uplink_probe(token_features, token_labels)
     assert probe["accuracy"] == 1.0
     assert probe["majority"] == np.mean(image_labels[200:] == np.bincount(image_labels[:200]).argmax())
+    # Mean pooling spreads the labelled token's direction over 9 tokens, but a linear probe still reads it.
+    assert P.uplink_probe(token_features, image_labels)["accuracy"] == 1.0
     assert P.uplink_probe(rng.normal(size=(400, 9, 16)), image_labels)["accuracy"] < 0.4  # noise: near 1/5
 
 
@@ -127,7 +130,7 @@ def test_uplink_features_are_what_the_server_dequantizes():
                                                   method=T.TinyLlavaServer.dequantize)[0]
 
     np.testing.assert_array_equal(features, np.asarray(server_view(params, images)))
-    assert len(np.unique(features[0])) <= 4 * 9  # 2 bits: 4 levels per image's statistics
+    assert len(np.unique(features)) <= 4  # 2 bits: the server sees one of 4 levels per element
 
     # The uncompressed baseline: the server sees the connector rows cast to fp16.
     fp16 = dataclasses.replace(config, image_codec=make_codec("none_fp16"))

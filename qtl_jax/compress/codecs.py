@@ -155,6 +155,7 @@ class RDFSQ(_LevelCodec):
     width: float = 3.0
     statistics: str = "batch"  # "batch" (training, the paper) or "sample" (inference)
     commitment: str = "distortion"
+    usage_weight: float = 0.0  # > 0 adds this times `rd_fsq.usage_loss` (a code-usage term) to the loss term
 
     def __post_init__(self):
         super().__post_init__()
@@ -173,13 +174,16 @@ class RDFSQ(_LevelCodec):
         return dataclasses.replace(self, statistics="sample")
 
     def loss(self, code, q, mask=None, z=None, moments=None):
+        usage = 0.0
+        if self.usage_weight:
+            usage = self.usage_weight * rd_fsq_lib.usage_loss(code, self.num_bits, mask)
         if self.commitment == "cosine":
-            return rd_fsq_lib.commitment_loss(code, q, mask)
+            return rd_fsq_lib.commitment_loss(code, q, mask) + usage
         if z is None:
             raise ValueError("the distortion term needs the unclipped input z of encode")
         v = rd_fsq_lib.robust_scale(z, mask, self.width, per_sample=self.statistics == "sample", moments=moments,
                                     clip=False)
-        return rd_fsq_lib.distortion_loss(v, q, mask)
+        return rd_fsq_lib.distortion_loss(v, q, mask) + usage
 
     def stats(self, z, mask=None, moments=None):
         moments = self.moments(z, mask) if moments is None else moments

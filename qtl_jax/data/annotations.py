@@ -55,6 +55,18 @@ def _checked(path: str, number: int, record: Any) -> Annotation:
     return Annotation(number, record)
 
 
+def jsonl_lines(path: str, f):
+    """(line number, parsed value, None) for each non-blank line of an open JSON-lines file, or (line number,
+    None, error naming the file and line) for one that is not valid JSON."""
+    for number, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line), None
+        except json.JSONDecodeError as e:
+            yield number, None, f"{path}:{number}: malformed JSON line ({e.msg})"
+
+
 def iter_annotations(path: str) -> Iterator[Annotation]:
     """Streams the samples of a JSON-list or JSONL annotation file."""
     if not os.path.isfile(path):
@@ -65,15 +77,8 @@ def iter_annotations(path: str) -> Iterator[Annotation]:
         if head.lstrip().startswith("["):
             yield from _iter_json_list(path, f)
             return
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield Annotation(number, None, f"{path}:{number}: malformed JSON line ({e.msg})")
-                continue
-            yield _checked(f"{path}:{number}", number, record)
+        for number, record, error in jsonl_lines(path, f):
+            yield Annotation(number, None, error) if error else _checked(f"{path}:{number}", number, record)
 
 
 def _iter_json_list(path: str, f) -> Iterator[Annotation]:

@@ -16,7 +16,7 @@ from qtl_jax.compress import (
     rd_fsq,
     robust_scale,
 )
-from qtl_jax.compress.rd_fsq import clipped_fraction, distortion_loss, masked_moments
+from qtl_jax.compress.rd_fsq import clipped_fraction, distortion_loss, masked_moments, usage_loss
 
 
 def test_four_levels_are_exactly_thirds():
@@ -140,6 +140,31 @@ def test_clipped_fraction_hand_case():
     np.testing.assert_allclose(clipped_fraction(z, mask), 0.0)
 
 
+def test_usage_loss_is_highest_for_a_collapsed_channel():
+    levels = jnp.array([-1, -1 / 3, 1 / 3, 1.0])
+    collapsed = jnp.full((2, 8, 3), 1 / 3)  # every token in the same bin: no usage at all
+    spread = jnp.broadcast_to(jnp.tile(levels, 4)[None, :, None], (1, 16, 3))  # every level equally often
+    between = jnp.zeros((1, 8, 3))  # on the boundary of two bins: maximally unsure, two bins used
+    np.testing.assert_allclose(usage_loss(collapsed, 2), 0.0, atol=1e-6)
+    # Spread: mean H of the batch-average = log 4, per-element H of a softmax with logit gaps of 4 and 16
+    # (temperature (1/3)^2, levels 2/3 apart).
+    logits = -jnp.square(levels[:, None] - levels[None, :]) / (1 / 9)
+    p = jax.nn.softmax(logits, axis=-1)
+    per_element = -jnp.mean(jnp.sum(p * jnp.log(p), axis=-1))
+    average = jnp.mean(p, axis=0)
+    expected = (per_element + jnp.sum(average * jnp.log(average))) / jnp.log(4.0)
+    np.testing.assert_allclose(usage_loss(spread, 2), expected, rtol=1e-5)
+    assert float(usage_loss(spread, 2)) < -0.85
+    np.testing.assert_allclose(usage_loss(between, 2), 0.0, atol=1e-5)  # H(p) = H(mean p) = log 2
+    # Padding rows do not count: a collapsed batch with real rows spread is a spread batch.
+    mixed = jnp.concatenate([spread, jnp.full((1, 16, 3), 1 / 3)], axis=1)
+    np.testing.assert_allclose(usage_loss(mixed, 2, jnp.arange(32)[None] < 16), usage_loss(spread, 2), rtol=1e-5)
+    # The gradient of a collapsed channel pushes its values apart (towards other bins).
+    u = collapsed + jax.random.normal(jax.random.key(0), collapsed.shape) * 0.05
+    g = jax.grad(lambda u: usage_loss(u, 2))(u)
+    assert float(jnp.corrcoef(-g.ravel(), (u - u.mean(axis=(0, 1))).ravel())[0, 1]) > 0.5
+
+
 def test_codec_loss_terms_and_stats():
     z = jax.random.normal(jax.random.key(2), (2, 5, 16)) * 3 + 0.5
     mask = jnp.ones((2, 5), bool).at[1, 3:].set(False)
@@ -153,6 +178,9 @@ def test_codec_loss_terms_and_stats():
     np.testing.assert_allclose(default.loss(code, q, mask, z, moments), distortion_loss(v, q, mask), rtol=1e-6)
     np.testing.assert_allclose(default.stats(z, mask, moments)["clipped"], clipped_fraction(z, mask), rtol=1e-6)
     assert make_codec("fsq_tanh", 2).stats(z, mask) == {}
+    with_usage = make_codec("rd_fsq", 2, usage_weight=0.5)
+    np.testing.assert_allclose(with_usage.loss(code, q, mask, z, moments),
+                               distortion_loss(v, q, mask) + 0.5 * usage_loss(code, 2, mask), rtol=1e-6)
     assert codec_from_dict(codec_to_dict(paper)) == paper
     with pytest.raises(ValueError, match="commitment must be one of"):
         make_codec("rd_fsq", 2, commitment="l1")

@@ -1,0 +1,67 @@
+"""The sweep end to end on its quick setting (two tiny runs, each in its own process), its plan, the README
+block it generates."""
+
+import csv
+import os
+
+import pytest
+
+from qtl_jax.experiments import sweep
+
+
+def test_plan_and_its_errors():
+    runs = sweep.plan(["digits"], ["none_fp16", "rd_fsq_cosine"], [1, 2], [0, 1])
+    assert [(r.compressor, r.bits, r.seed) for r in runs] == [
+        ("none_fp16", 16, 0), ("none_fp16", 16, 1), ("rd_fsq_cosine", 1, 0), ("rd_fsq_cosine", 1, 1),
+        ("rd_fsq_cosine", 2, 0), ("rd_fsq_cosine", 2, 1)]
+    assert runs[2].overrides() == {"data.dataset": "digits", "seed": 0, "compressor.image": "rd_fsq",
+                                   "compressor.text": "rd_fsq", "compressor.bits": 1,
+                                   "compressor.commitment": "cosine"}
+    assert runs[2].workdir("/o") == "/o/digits/rd_fsq_cosine/b1/seed0"
+    with pytest.raises(ValueError, match="unknown compressor 'qlora'"):
+        sweep.plan(["shapes"], ["qlora"], [2], [0])
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        sweep.plan(["mnist"], ["rd_fsq"], [2], [0])
+    with pytest.raises(ValueError, match="--bits: 9"):
+        sweep.plan(["shapes"], ["rd_fsq"], [9], [0])
+
+
+def test_update_readme_replaces_only_its_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{sweep.README_BEGIN}\nold\n{sweep.README_END}\noutro\n")
+    summary = tmp_path / "results" / "summary.md"
+    summary.parent.mkdir()
+    summary.write_text("# Sweep results\n\n## shapes\n\n| a |\n\n![p](plots/x.png)\n")
+    sweep.update_readme(str(readme), str(summary), "python -m qtl_jax.experiments.sweep --out X")
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{sweep.README_END}\noutro\n") and "old" not in text
+    assert "#### shapes" in text and "# Sweep results" not in text and "](results/plots/x.png)" in text
+    assert "Made by `python -m qtl_jax.experiments.sweep --out X`" in text
+    readme.write_text("no block")
+    with pytest.raises(ValueError, match="no generated block"):
+        sweep.update_readme(str(readme), str(summary), "x")
+
+
+def test_quick_sweep_end_to_end(tmp_path, tmp_path_factory):
+    out = tmp_path / "sweep"
+    data_dir = tmp_path_factory.getbasetemp() / "tfds"  # the session's Shapes-VQA smoke data, when made already
+    files = sweep.main(["--out", str(out), "--quick", "--set", f"data.data_dir={data_dir}",
+                        "--set", "optim.max_steps=2", "--set", "eval.max_examples=8"])
+    with open(files["csv"]) as f:
+        rows = {r["compressor"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"none_fp16", "rd_fsq"}
+    for r in rows.values():
+        assert r["dataset"] == "shapes" and r["seed"] == "0" and 0 <= float(r["accuracy"]) <= 1
+        assert float(r["kde_entropy_image"]) > 0 and int(r["selected_bits_image"]) >= 1
+    # 2-bit codes are 1/8 of fp16 (plus the labels and positions every compressor sends).
+    ratio = float(rows["rd_fsq"]["uplink_bytes_per_sample"]) / float(rows["none_fp16"]["uplink_bytes_per_sample"])
+    assert 0.125 < ratio < 0.16
+    assert 0 < float(rows["rd_fsq"]["index_entropy_image"]) <= 2
+    assert int(rows["rd_fsq"]["distinct_codes_image"]) <= int(rows["rd_fsq"]["tokens_image"])
+    summary = (out / "summary.md").read_text()
+    assert "## shapes" in summary and "| rd_fsq | 2 | 1 |" in summary and "codec quality without training" in summary
+    for plot in files["plots"]:
+        assert os.path.getsize(plot) > 1000
+    # Finished runs are reused: a second invocation trains nothing and reports the same rows.
+    again = sweep.main(["--out", str(out), "--quick", "--report-only"])
+    assert again["csv"] == files["csv"]
