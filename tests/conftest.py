@@ -27,8 +27,10 @@ def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
     config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
     config.data.shapes_config = "smoke"
     config.optim.batch_size = 4
+    config.optim.min_steps = 0  # the steps follow the (tiny) data: tests count them
     if "stage1" in config:
         config.stage1.optim.batch_size = 4
+        config.stage1.optim.min_steps = 0
     config.optim.max_steps = 3
     config.log_every = 1
     config.eval.max_examples = 8
