@@ -465,18 +465,7 @@ def plot_accuracy_vs_uplink(summary: Sequence[dict], dataset: str, path: str) ->
 
     One marker style and color per compressor (the same as in `plot_accuracy_vs_bits`; fp16 included), points
     with ±std error bars joined in order of bits, each annotated with its bit width ("2b"). Rows without a
-    positive uplink are left out.
-
-    Args:
-      summary: the output of `summarize`.
-      dataset: which dataset to plot.
-      path: the PNG file; its folder is created when missing.
-
-    Returns:
-      `path`.
-
-    Raises:
-      ValueError: the summary has no rows for `dataset`.
+    positive uplink are left out. Arguments, return value and errors as `plot_accuracy_vs_bits`.
     """
     rows = [s for s in _dataset_rows(summary, dataset)
             if s["uplink_bytes_per_sample_mean"] is not None and s["uplink_bytes_per_sample_mean"] > 0]
