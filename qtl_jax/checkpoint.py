@@ -4,6 +4,10 @@
                                                       {"step", "iterator" (base64), "totals"}
     STAGE_DIR/config.json                             the stage's full config
 
+In a networked run (`split.mode=remote`) each process keeps its own folder with its own half only: the client's
+with {client, meta} (the iterator position lives there), the server's with {server, meta}; both save the same
+steps (the client asks the server to save with the step it sends), step 0 included.
+
 Saves are atomic (orbax writes a temporary folder and renames it). `restore_state` puts a checkpoint back
 onto the trainer's meshes; `final_params` reads a run's newest parameters onto the host from any process,
 whatever devices it was saved from. A rerun in the same stage folder resumes; `check_resume_config` first
@@ -26,7 +30,9 @@ CONFIG_FILE = "config.json"
 # Fields a resumed run may change: they change when it stops, logs and saves, and what it evaluates at the end,
 # not what it trains. A field ending in "." stands for its whole section.
 RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every", "eval.", "data.eval_files",
-                    "data.eval_image_root")
+                    "data.eval_image_root", *(f"split.{f}" for f in (
+                        "server", "client_id", "token_file", "tls_ca", "tls_cert", "tls_key", "insecure",
+                        "deadline_s", "wait_s")))
 
 
 def latest_step(stage_dir: str) -> int | None:
@@ -54,38 +60,45 @@ def _state_tree(trainer: SplitTrainer, half: str) -> dict:
     return {"params": st.params, "opt_state": st.opt_state}
 
 
-def save_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int, iterator_state: bytes,
-               totals: dict, data: dict) -> None:
-    """Both halves (params and optimizer state), the data iterator position, the step, the running totals and
-    what the iterator runs over (`data`: the converted dataset's name and record count)."""
-    ckpt.save(step, args=ocp.args.Composite(
-        client=ocp.args.StandardSave(_state_tree(trainer, "client")),
-        server=ocp.args.StandardSave(_state_tree(trainer, "server")),
-        meta=ocp.args.JsonSave({"step": step, "iterator": base64.b64encode(iterator_state).decode(),
-                                "totals": totals, "data": data})))
+def save_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int, iterator_state: bytes | None,
+               totals: dict, data: dict | None) -> None:
+    """The halves the trainer holds (params and optimizer state), the data iterator position (the client's;
+    None on a server), the step, the running totals and what the iterator runs over (`data`: the converted
+    dataset's name and record count)."""
+    meta = {"step": step, "totals": totals, "data": data}
+    if iterator_state is not None:
+        meta["iterator"] = base64.b64encode(iterator_state).decode()
+    halves = {h: ocp.args.StandardSave(_state_tree(trainer, h)) for h in trainer.halves}
+    ckpt.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **halves))
     ckpt.wait_until_finished()
 
 
+def restore_meta(ckpt: ocp.CheckpointManager, step: int) -> dict:
+    """The JSON part of a checkpoint (step, totals, data, iterator)."""
+    return ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
 def restore_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int,
-                  data: dict) -> tuple[bytes, dict]:
-    """Puts both halves back on their meshes; returns (iterator state bytes, totals). Raises ValueError when
-    the checkpoint's iterator ran over other data than `data` (an edited annotation file, converted anew):
-    its position would point into different records."""
-    abstract = {h: jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(trainer, h)) for h in HALVES}
-    r = ckpt.restore(step, args=ocp.args.Composite(
-        client=ocp.args.StandardRestore(abstract["client"]), server=ocp.args.StandardRestore(abstract["server"]),
-        meta=ocp.args.JsonRestore()))
-    if r.meta.get("data", data) != data:
+                  data: dict | None) -> tuple[bytes | None, dict]:
+    """Puts the halves the trainer holds back on their meshes; returns (iterator state bytes or None, totals).
+    Raises ValueError when the checkpoint's iterator ran over other data than `data` (an edited annotation file,
+    converted anew): its position would point into different records."""
+    halves = {h: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(trainer, h)))
+              for h in trainer.halves}
+    r = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **halves))
+    if data is not None and r.meta.get("data", data) != data:
         raise ValueError(f"{ckpt.directory}: step {step} was trained on {r.meta['data']}, the data is now {data}; "
                          f"the saved data position does not apply. Use another --workdir or the original data.")
-    for half in HALVES:
+    for half in trainer.halves:
         trainable, frozen = partition(r[half]["params"], trainer.is_trainable)
         trainer.state[half] = HalfState(trainable, frozen, r[half]["opt_state"])
-    return base64.b64decode(r.meta["iterator"]), r.meta["totals"]
+    iterator = r.meta.get("iterator")
+    return (None if iterator is None else base64.b64decode(iterator)), r.meta["totals"]
 
 
 def final_params(stage_dir: str) -> dict:
-    """The {"client", "server"} parameters of a stage folder's newest checkpoint, as host arrays.
+    """The {"client", "server"} parameters of a stage folder's newest checkpoint, as host arrays (only the half a
+    process of a networked run saved: {"client"} or {"server"}).
 
     Works from any process: the arrays are read onto one local device, whatever mesh saved them, and the
     optimizer states are not read at all."""
@@ -100,7 +113,7 @@ def final_params(stage_dir: str) -> dict:
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     metadata = ckpt.item_metadata(step)
     args = {}
-    for half in HALVES:
+    for half in (h for h in HALVES if h in metadata and metadata[h] is not None):
         item = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                                        metadata[half]["params"])}
         args[half] = ocp.args.PyTreeRestore(item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
@@ -109,7 +122,7 @@ def final_params(stage_dir: str) -> dict:
         restored = ckpt.restore(step, args=ocp.args.Composite(**args))
     finally:
         ckpt.close()
-    return jax.device_get({half: restored[half]["params"] for half in HALVES})
+    return jax.device_get({half: restored[half]["params"] for half in args})
 
 
 # ------------------------------------------------------------------------------------------------- config

@@ -288,6 +288,13 @@ class TinyLlavaClient(nn.Module):
                             commitment_loss=cfg.commitment_weight * loss, text_moments=text_moments, stats=stats)
 
 
+    def token_payload(self, ids, moments=None) -> Payload:
+        """Quantized text embeddings: the text payload of token ids int[B, L] (generated tokens, sent to the
+        server during generation), coded with `moments` (the prompt's) or, when None, the rows' own."""
+        rows = self.token_embeddings(jnp.maximum(ids, 0))
+        return self.text_compressor.client(rows, jnp.ones(ids.shape, bool), moments).payload
+
+
 class TinyLlavaServer(nn.Module):
     """The model owner's half: compressor server sides, splice, OpenELM, loss."""
 
@@ -329,6 +336,11 @@ class TinyLlavaServer(nn.Module):
             return q_image, self.text_compressor.dequantize(uplink.text)
         return q_image, uplink.text.codes.astype(jnp.int32)
 
+    def token_rows(self, payload: Payload):
+        """Quantized text embeddings: a received token payload (`TinyLlavaClient.token_payload`) -> the rows
+        float[B, L, D] the LM reads."""
+        return self.text_compressor.decode(self.text_compressor.dequantize(payload))
+
     def __call__(self, uplink: Uplink):
         """Server half on a received uplink: (ce loss, aux)."""
         q_image, text = self.dequantize(uplink)
@@ -369,8 +381,8 @@ def server_apply(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=j
 
 def token_rows_fn(config: TinyLlavaConfig, params, dtype=jnp.float32):
     """With quantized text embeddings: a jitted (int[B, L] ids, moments) -> float[B, L, D] giving the rows the
-    server's LM receives for those tokens (client embedding -> text compressor -> server decode), for
-    generation.
+    server's LM receives for those tokens (client embedding -> text compressor -> payload -> server dequantize and
+    decode: exactly what crosses in a split deployment), for generation.
 
     In a split deployment this is one small round trip per generated token: the server sends the token id,
     the client answers with its quantized row. `moments` are the statistics to quantize with: the prompt's
@@ -381,10 +393,8 @@ def token_rows_fn(config: TinyLlavaConfig, params, dtype=jnp.float32):
     client, server = TinyLlavaClient(config, dtype), TinyLlavaServer(config, dtype)
 
     def rows(params, ids, moments):
-        def quantize(m):
-            return m.text_compressor.client(m.token_embeddings(ids), jnp.ones(ids.shape, bool), moments).q
-        q = client.apply({"params": params["client"]}, method=quantize)
-        return server.apply({"params": params["server"]}, q, method=lambda m, q: m.text_compressor.decode(q))
+        payload = client.apply({"params": params["client"]}, ids, moments, method=TinyLlavaClient.token_payload)
+        return server.apply({"params": params["server"]}, payload, method=TinyLlavaServer.token_rows)
 
     jitted = jax.jit(rows)
     return lambda ids, moments=None: jitted(params, ids, moments)

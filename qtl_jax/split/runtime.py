@@ -1,4 +1,5 @@
-"""The split training step, run as one program (`single`) or on two disjoint device meshes (`meshes`).
+"""The split training step, run as one program (`single`), on two disjoint device meshes (`meshes`), or as two
+processes over the network (`remote`: this process holds the client half, `qtl_jax.split.remote` the crossing).
 
     meshes mode, one step:
       client mesh   client_forward (jit): vision tower, connector, text embedding, quantize, pack
@@ -25,6 +26,12 @@ counts come from the payloads (`Uplink.nbytes`, `Payload.nbytes`). `compile_step
 of time from shapes alone (params may be `jax.ShapeDtypeStruct`s), for memory and FLOP estimates of models
 that do not fit the machine (`benchmarks/paper_memory.py`).
 
+The crossing is one small interface (`Crossing.exchange`: an uplink and its step id in, the server's loss and
+downlink out): `LocalCrossing` is the `device_put` onto the server mesh and back, `remote.client.RemoteCrossing`
+serializes, sends over gRPC, validates and deserializes. Both call the same three step functions, so `meshes`
+stays the reference that `remote` is tested against. A process holds the halves it runs (`halves`): both in
+`single` and `meshes`, the client's in `remote`, the server's in the server process (`qtl_jax.split.serve`).
+
 `single` runs the same math in one jit (`TinyLlava` with the straight-through quantizer): the reference the
 `meshes` gradients are tested against.
 """
@@ -48,7 +55,7 @@ from qtl_jax import sharding
 from qtl_jax.compress import Payload, make_codec
 from qtl_jax.models import tinyllava as T
 
-MODES = ("single", "meshes")
+MODES = ("single", "meshes", "remote")
 DOWNLINKS = ("fp32", "bf16", "nf8", "nf4")
 HALVES = ("client", "server")
 
@@ -56,7 +63,8 @@ HALVES = ("client", "server")
 @dataclasses.dataclass(frozen=True)
 class SplitConfig:
     """Attributes:
-    mode: "single" (one program) or "meshes" (client and server meshes on disjoint devices).
+    mode: "single" (one program), "meshes" (client and server meshes on disjoint devices) or "remote" (this
+      process is the client; the server half runs in another process, `qtl_jax.split.serve`).
     client_mesh: (data, fsdp, tensor) sizes of the client mesh (meshes mode).
     server_mesh: (data, fsdp, tensor) sizes of the server mesh, on the devices after the client's.
     downlink: how dL/dq travels back: fp32 (the reference), bf16, nf8 or nf4 (NF blocks of 64).
@@ -84,7 +92,7 @@ class SplitConfig:
 
     @property
     def num_devices(self) -> int:
-        """Devices the run needs: the client mesh's, plus the server mesh's in meshes mode."""
+        """Devices the process needs: the client mesh's, plus the server mesh's in meshes mode."""
         return int(np.prod(self.client_mesh)) + (int(np.prod(self.server_mesh)) if self.mode == "meshes" else 0)
 
     def check_devices(self, available: int | None = None) -> None:
@@ -96,14 +104,24 @@ class SplitConfig:
                              f"devices, only {available} available")
 
 
-def make_meshes(config: SplitConfig):
-    """(client mesh, server mesh) on disjoint devices: the client takes the first ones."""
-    config.check_devices()
+def make_meshes(config: SplitConfig, halves: Sequence[str] = HALVES) -> dict:
+    """{half: mesh} for the halves this process holds, on disjoint devices: the first half takes the first
+    ones (the client in `meshes` mode; the server alone in the server process). `single` mode: one mesh."""
+    if config.mode == "single":
+        mesh = sharding.make_mesh(config.client_mesh)
+        return {"client": mesh, "server": mesh}
+    shapes = {"client": config.client_mesh, "server": config.server_mesh}
+    need = sum(int(np.prod(shapes[h])) for h in halves)
     devices = jax.devices()
-    n_client = int(np.prod(config.client_mesh))
-    client = sharding.make_mesh(config.client_mesh, devices[:n_client])
-    server = sharding.make_mesh(config.server_mesh, devices[n_client:])
-    return client, server
+    if need > len(devices):
+        raise ValueError(f"{' + '.join(f'{h} mesh {shapes[h]}' for h in halves)} need {need} devices, only "
+                         f"{len(devices)} available")
+    meshes, start = {}, 0
+    for half in halves:
+        n = int(np.prod(shapes[half]))
+        meshes[half] = sharding.make_mesh(shapes[half], devices[start:start + n])
+        start += n
+    return meshes
 
 
 # ---------------------------------------------------------------------------------------------- downlink
@@ -202,27 +220,72 @@ def _is_abstract(tree) -> bool:
 MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels")
 
 
+@dataclasses.dataclass
+class ServerReply:
+    """What comes back for one uplink.
+
+    Attributes:
+      ce_loss: float32[] the server's cross-entropy (a device scalar locally, a host float over the network).
+      downlink: the dL/dq payloads (image, text or None), as `compress_downlink` makes them.
+      wire: bytes of the serialized request and reply at the transport ({"up", "down"}; empty locally).
+    """
+
+    ce_loss: Any
+    downlink: tuple
+    wire: dict = dataclasses.field(default_factory=dict)
+
+
+class Crossing:
+    """Carries a step's uplink to the server half and its reply back: the only thing `meshes` and `remote`
+    do differently. `step` is the step's id (1, 2, ...: the micro-step it applies); `checkpoint` asks the server
+    to save its half after applying it (before it replies), so both sides hold the same steps."""
+
+    def exchange(self, step: int, uplink, checkpoint: bool = False) -> ServerReply:
+        raise NotImplementedError
+
+
+class LocalCrossing(Crossing):
+    """The crossing inside one process: `device_put` onto the server's mesh, the server step, and back."""
+
+    def __init__(self, trainer: SplitTrainer):
+        self.trainer = trainer
+
+    def exchange(self, step: int, uplink, checkpoint: bool = False) -> ServerReply:
+        ce, _, downlink = self.trainer.server_step(uplink)
+        return ServerReply(ce, downlink)
+
+
 class SplitTrainer:
-    """Holds both halves' states and runs steps in `single` or `meshes` mode.
+    """Holds the states of the halves this process runs and runs steps in `single`, `meshes` or `remote` mode.
 
     Args:
       model_config: the TinyLLaVA config.
       split: the split config.
-      tx_client, tx_server: optax optimizers of each half; they see only the trainable parameters.
+      tx_client, tx_server: optax optimizers of each half; they see only the trainable parameters (None for a
+        half this process does not hold).
       params: initial {"client", "server"} parameters (e.g. from `TinyLlava.init` and checkpoints); boxed
         (logically partitioned) or plain; `jax.ShapeDtypeStruct` leaves give an abstract trainer that can
-        only `compile_steps`.
+        only `compile_steps`. Only the held halves are read.
       dtype: compute dtype.
       boxed_like: a logically-partitioned tree with the structure of `params` (e.g. the output of
         `jax.eval_shape(model.init, ...)`) when `params` themselves are plain arrays.
       trainable: the parts that train (names from `tinyllava.PARTS`); None = every part.
+      halves: the halves this process holds: both (single, meshes), ("client",) in remote mode (default
+        there), ("server",) in the server process.
+      crossing: how uplinks reach the server half (remote mode: a `remote.client.RemoteCrossing`); default
+        `LocalCrossing` in meshes mode.
     """
 
     def __init__(self, model_config, split: SplitConfig, tx_client, tx_server, params, dtype=jnp.float32,
-                 boxed_like=None, trainable: Sequence[str] | None = None):
+                 boxed_like=None, trainable: Sequence[str] | None = None, halves: Sequence[str] | None = None,
+                 crossing: Crossing | None = None):
         self.model_config, self.split, self.dtype = model_config, split, dtype
         self.tx = {"client": tx_client, "server": tx_server}
-        split.check_devices()
+        self.halves = tuple(halves or (("client",) if split.mode == "remote" else HALVES))
+        if split.mode == "single" and self.halves != HALVES:
+            raise ValueError("single mode runs both halves in one program")
+        if split.mode == "remote" and "client" in self.halves and crossing is None:
+            raise ValueError("remote mode needs a crossing (qtl_jax.split.remote.client.RemoteCrossing)")
         unknown = set(trainable or ()) - set(T.PARTS)
         if unknown:
             raise ValueError(f"trainable: unknown parts {sorted(unknown)}; expected some of {T.PARTS}")
@@ -230,14 +293,10 @@ class SplitTrainer:
         self.is_trainable = lambda path: T.part_of(path) in self.trainable_parts
         boxed_like = boxed_like if boxed_like is not None else params
         plain = nn.meta.unbox(params)
-        if split.mode == "meshes":
-            self.meshes = dict(zip(HALVES, make_meshes(split), strict=True))
-        else:
-            mesh = sharding.make_mesh(split.client_mesh)
-            self.meshes = {"client": mesh, "server": mesh}
+        self.meshes = make_meshes(split, self.halves)
         self.abstract = _is_abstract(plain)
         self.state, self.state_shardings = {}, {}
-        for half in HALVES:
+        for half in self.halves:
             shardings = sharding.param_shardings(boxed_like[half], self.meshes[half])
             trainable_sh, frozen_sh = partition(shardings, self.is_trainable)
             trainable_p, frozen_p = partition(plain[half], self.is_trainable)
@@ -255,6 +314,7 @@ class SplitTrainer:
                     opt = jax.jit(self.tx[half].init, out_shardings=opt_sh)(trainable_p)
             self.state[half] = HalfState(trainable_p, frozen_p, opt)
             self.state_shardings[half] = jax.tree.map(lambda a: a.sharding, self.state[half])
+        self.crossing = crossing or (LocalCrossing(self) if split.mode == "meshes" else None)
         self._build()
 
     def _pin(self, half: str, trainable, opt_state):
@@ -327,17 +387,39 @@ class SplitTrainer:
         client, server = (state or self.state)["client"], (state or self.state)["server"]
         return (client.trainable, client.frozen, client.opt_state, server.trainable, server.frozen, server.opt_state)
 
-    def step(self, batch: dict) -> dict:
-        """One training step on a host batch (numpy). Returns metrics: ce_loss, commitment_loss,
-        uplink_bytes, downlink_bytes (exact, from the payloads), as device scalars / Python ints; the client's
-        diagnostics `stats` ({"image_clipped": ...}, device scalars); and the `uplink` itself (on the client's
-        devices) for code-usage statistics (`qtl_jax.compress.entropy.code_usage`)."""
+    def _check_runnable(self) -> None:
         if self.abstract:
             raise RuntimeError("this trainer was built from shapes only (jax.ShapeDtypeStruct): it can "
                                "compile_steps but not run them")
+
+    def server_step(self, uplink) -> tuple[jax.Array, dict, tuple]:
+        """The server half on one uplink (device arrays on any mesh, or host arrays from the wire): moves it onto
+        the server's mesh, steps, and returns (ce_loss, aux, downlink payloads on the server's mesh)."""
+        self._check_runnable()
+        server = self.state["server"]
+        with jax.transfer_guard("disallow"):
+            uplink = to_mesh(uplink, self.meshes["server"])
+            with jax.set_mesh(self.meshes["server"]):
+                s_train, s_opt, ce, aux, downlink = self._server_step(server.trainable, server.frozen,
+                                                                      server.opt_state, uplink)
+        self.state["server"] = HalfState(s_train, server.frozen, s_opt)
+        return ce, aux, downlink
+
+    def step(self, batch: dict, step: int = 0, checkpoint: bool = False) -> dict:
+        """One training step on a host batch (numpy). Returns metrics: ce_loss, commitment_loss,
+        uplink_bytes, downlink_bytes (exact, from the payloads), as device scalars / Python ints; the client's
+        diagnostics `stats` ({"image_clipped": ...}, device scalars); the `uplink` itself (on the client's
+        devices) for code-usage statistics (`qtl_jax.compress.entropy.code_usage`); and over the network
+        `wire_up_bytes` / `wire_down_bytes`, the serialized messages' sizes.
+
+        `step` is the step's id (the micro-step this is, from 1) and `checkpoint` whether both halves save after
+        it: they travel with the uplink, so that a server in another process applies each step once and saves
+        the same steps as the client (`Crossing.exchange`)."""
+        self._check_runnable()
         model_batch = {k: batch[k] for k in MODEL_KEYS}
-        client, server = self.state["client"], self.state["server"]
+        client = self.state["client"]
         if self.split.mode == "single":
+            server = self.state["server"]
             data = to_mesh(model_batch, self.meshes["client"])
             with jax.set_mesh(self.meshes["client"]):
                 c_train, c_opt, s_train, s_opt, ce, aux = self._single_step(*self._single_args(), data)
@@ -350,17 +432,14 @@ class SplitTrainer:
         with jax.transfer_guard("disallow"):
             with jax.set_mesh(self.meshes["client"]):
                 uplink, commitment, vjp, stats = self._client_forward(client.trainable, client.frozen, data)
-            uplink_server = to_mesh(uplink, self.meshes["server"])
-            with jax.set_mesh(self.meshes["server"]):
-                s_train, s_opt, ce, aux, downlink = self._server_step(server.trainable, server.frozen,
-                                                                      server.opt_state, uplink_server)
-            downlink_client = to_mesh(downlink, self.meshes["client"])
+            reply = self.crossing.exchange(step, uplink, checkpoint)
+            downlink_client = to_mesh(reply.downlink, self.meshes["client"])
             with jax.set_mesh(self.meshes["client"]):
                 c_train, c_opt = self._client_update(client.trainable, client.opt_state, vjp, downlink_client)
-        self.state = {"client": HalfState(c_train, client.frozen, c_opt),
-                      "server": HalfState(s_train, server.frozen, s_opt)}
-        return {"ce_loss": ce, "commitment_loss": commitment, "uplink_bytes": uplink.nbytes,
-                "downlink_bytes": downlink_nbytes(downlink), "stats": stats, "uplink": uplink}
+        self.state["client"] = HalfState(c_train, client.frozen, c_opt)
+        return {"ce_loss": reply.ce_loss, "commitment_loss": commitment, "uplink_bytes": uplink.nbytes,
+                "downlink_bytes": downlink_nbytes(reply.downlink), "stats": stats, "uplink": uplink,
+                **{f"wire_{k}_bytes": v for k, v in reply.wire.items()}}
 
     def compile_steps(self, batch: dict) -> dict[str, Any]:
         """Ahead-of-time compiled step functions for a batch of this shape (arrays or ShapeDtypeStructs):
@@ -391,5 +470,5 @@ class SplitTrainer:
         return {"client_forward": forward, "server_step": step, "client_update": update}
 
     def params(self) -> dict:
-        """{"client", "server"} parameters, each on its own mesh."""
-        return {half: self.state[half].params for half in HALVES}
+        """{half: parameters} of the halves this process holds, each on its own mesh."""
+        return {half: self.state[half].params for half in self.halves}

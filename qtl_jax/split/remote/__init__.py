@@ -1,0 +1,1 @@
+"""The crossing between processes: protocol, server, client, security."""
