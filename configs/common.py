@@ -87,10 +87,21 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.compressor.usage_weight = 0.0
 
     c.split = ml_collections.ConfigDict()
-    c.split.mode = "meshes"  # single | meshes
+    # single | meshes | remote (this process is the client; the server runs `python -m qtl_jax.split.serve`)
+    c.split.mode = "meshes"
     c.split.client_mesh = (1, 1, 1)  # (data, fsdp, tensor) devices of the client
     c.split.server_mesh = (1, 1, 1)
     c.split.downlink = "fp32"  # fp32 | bf16 | nf8 | nf4
+    # remote mode (the client's side; none of these changes what is trained, so a resumed run may change them):
+    c.split.server = ""  # the server's HOST:PORT
+    c.split.client_id = "client0"  # this client's id in the server's tokens file
+    c.split.token_file = ""  # the file holding this client's bearer token (never the token itself in a config)
+    c.split.tls_ca = ""  # the CA certificate that signed the server's certificate
+    c.split.tls_cert = ""  # this client's certificate and key, when the server asks for mutual TLS
+    c.split.tls_key = ""
+    c.split.insecure = False  # plaintext gRPC: only on a loopback address (a local try-out)
+    c.split.deadline_s = 300.0  # the deadline of one call (a step, a session)
+    c.split.wait_s = 600.0  # the longest the client waits for an unreachable server (e.g. while it restarts)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.batch_size = 16 if tiny else (32 if stage == "pretrain" else 8)  # per step, before accumulation

@@ -49,23 +49,33 @@ def _text(value) -> str:
 
 
 class Answerer:
-    """Generates answers of a trained model for batches of prompts (client and server halves in one process).
+    """Generates answers of a trained model for batches of prompts: client and server halves in one process, or
+    the client's here and the server's behind `remote` (a `RemoteCrossing`: the prompt's uplink goes over, and
+    with quantized text embeddings each generated token costs one round trip, its row coded here).
 
     Args:
       model_config: the model as trained; evaluation runs `model_config.for_inference()`.
-      params: {"client", "server"} parameters.
+      params: {"client", "server"} parameters ({"client"} with `remote`).
       tokenizer: the run's tokenizer.
       dtype: compute dtype.
+      remote: a `qtl_jax.split.remote.client.RemoteCrossing` with an open session, or None.
     """
 
-    def __init__(self, model_config: T.TinyLlavaConfig, params: dict, tokenizer: Tokenizer, dtype=jnp.float32):
+    def __init__(self, model_config: T.TinyLlavaConfig, params: dict, tokenizer: Tokenizer, dtype=jnp.float32,
+                 remote=None):
         self.config = model_config.for_inference()
         # On the device once: host arrays as jit arguments would be copied over for every generated token.
         params = jax.device_put(params)
-        self.params, self.tokenizer, self.dtype = params, tokenizer, dtype
+        self.params, self.tokenizer, self.dtype, self.remote = params, tokenizer, dtype, remote
         cfg = self.config
         self._client = jax.jit(lambda p, *b: T.client_apply(cfg, p, *b, dtype=dtype))
-        self._rows = T.token_rows_fn(cfg, params, dtype) if cfg.quantized_text else None
+        self._rows = self._payload = None
+        if cfg.quantized_text and remote is None:
+            self._rows = T.token_rows_fn(cfg, params, dtype)
+        elif cfg.quantized_text:
+            client = T.TinyLlavaClient(cfg, dtype)
+            self._payload = jax.jit(lambda p, ids, moments: client.apply(
+                {"params": p}, ids, moments, method=T.TinyLlavaClient.token_payload))
 
     def answer(self, images: np.ndarray, prompts: Sequence[np.ndarray], length: int,
                max_new_tokens: int) -> list[str]:
@@ -84,12 +94,19 @@ class Answerer:
             ids[i, :len(p)] = p
         mask = np.arange(length)[None, :] < lengths[:, None]  # from the tokenizer's lengths, never from ids
         out = self._client(self.params["client"], images, ids, mask, np.full_like(ids, T.IGNORE_INDEX))
-        embed = None
-        if self._rows is not None:
-            embed = lambda tokens: self._rows(tokens, out.text_moments)
-        tokens = T.server_generate(self.config, self.params["server"], out.uplink, self.dtype,
-                                   max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eos_id,
-                                   pad_id=self.tokenizer.pad_id, embed=embed)
+        options = {"max_new_tokens": max_new_tokens, "eos_id": self.tokenizer.eos_id,
+                   "pad_id": self.tokenizer.pad_id}
+        if self.remote is not None:  # the server generates; each new token's row comes from here
+            payload = None
+            if self._payload is not None:
+                payload = lambda tokens: self._payload(self.params["client"], tokens, out.text_moments)
+            tokens = self.remote.generate(out.uplink, token_payload=payload, **options)
+        else:
+            embed = None
+            if self._rows is not None:
+                embed = lambda tokens: self._rows(tokens, out.text_moments)
+            tokens = T.server_generate(self.config, self.params["server"], out.uplink, self.dtype, embed=embed,
+                                       **options)
         return [self.tokenizer.decode([t for t in row.tolist() if t not in (self.tokenizer.eos_id,
                                                                             self.tokenizer.pad_id)])
                 for row in tokens]
@@ -211,11 +228,12 @@ def eval_image_root(config, file: str) -> str:
 
 
 def run_evaluation(config, model_cfg, params, tokenizer: Tokenizer, sources: dict, out_dir: str, dtype,
-                   log=print, scorer: str = "exact") -> dict:
+                   log=print, scorer: str = "exact", remote=None) -> dict:
     """Evaluates every source, writing `out_dir/NAME.answers.jsonl` and `NAME.scores.json`; returns
-    {name: scores}. A `scorer` other than "exact" (`qtl_jax.scorers.SCORERS`) also scores the answers to
-    each `config.data.eval_files` file against that file, under "scorer" in its scores."""
-    answerer = Answerer(model_cfg, params, tokenizer, dtype)
+    {name: scores}. With `remote` (a `RemoteCrossing`), `params` are the client's and the server generates. A
+    `scorer` other than "exact" (`qtl_jax.scorers.SCORERS`) also scores the answers to each
+    `config.data.eval_files` file against that file, under "scorer" in its scores."""
+    answerer = Answerer(model_cfg, params, tokenizer, dtype, remote)
     primary = jax.process_index() == 0  # every process generates; process 0 writes
     question_files = parse_eval_files(config.data.eval_files)
     results = {}

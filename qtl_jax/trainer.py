@@ -35,7 +35,8 @@ from qtl_jax.models import convert
 from qtl_jax.models import tinyllava as T
 from qtl_jax.models.openelm import OPENELM_270M, OPENELM_TINY
 from qtl_jax.models.siglip import SIGLIP_SO400M, SIGLIP_TINY
-from qtl_jax.split.runtime import SplitConfig, SplitTrainer
+from qtl_jax.split import wire
+from qtl_jax.split.runtime import Resync, SplitConfig, SplitTrainer
 
 INITS = ("pretrained", "random")
 # Data fields that belong to one stage: `configs/finetune.py`'s stage 1 keeps its own (the paper's two stages
@@ -44,8 +45,9 @@ STAGE_DATA_FIELDS = ("annotation_file", "image_root", "template", "eval_files", 
 
 
 # ------------------------------------------------------------------------------------------------ checks
-def check_config(config: ml_collections.ConfigDict, name: str = "config") -> None:
-    """Fails fast, before any data generation or compilation, naming the field (as `name.section.field`)."""
+def check_config(config: ml_collections.ConfigDict, name: str = "config", data: bool = True) -> None:
+    """Fails fast, before any data generation or compilation, naming the field (as `name.section.field`).
+    `data=False` (the server of a networked run, which never sees the data) skips the data fields."""
     for field in ("image", "text"):
         compressor = config.compressor[field]
         if compressor not in COMPRESSORS:
@@ -58,7 +60,16 @@ def check_config(config: ml_collections.ConfigDict, name: str = "config") -> Non
         raise ValueError(f"{name}.optim.min_steps must be >= 0, got {config.optim.min_steps}")
     if not 1 <= config.compressor.bits <= 8:
         raise ValueError(f"{name}.compressor.bits must be in 1..8, got {config.compressor.bits}")
-    SplitConfig.from_config(config.split).check_devices()
+    split = SplitConfig.from_config(config.split)
+    if data:
+        split.check_devices()
+    if data and split.mode == "remote":
+        for field in ("server", "token_file"):
+            if not config.split[field]:
+                raise ValueError(f"{name}.split.{field} must be set in remote mode")
+        if not config.split.insecure and not config.split.tls_ca:
+            raise ValueError(f"{name}.split.tls_ca: TLS needs the CA certificate that signed the server's (or "
+                             f"{name}.split.insecure=true, plaintext, on loopback only)")
     if config.optim.client_lr_scale < 0:
         raise ValueError(f"{name}.optim.client_lr_scale must be >= 0, got {config.optim.client_lr_scale}")
     if not 0.0 <= config.optim.client_delay_ratio < 1.0:
@@ -83,20 +94,20 @@ def check_config(config: ml_collections.ConfigDict, name: str = "config") -> Non
             raise ValueError(f"{name}.model.init=pretrained needs {name}.model.tinyllava_checkpoint, or both "
                              f"siglip_checkpoint and openelm_checkpoint; set {name}.model.init=random to train "
                              f"from random weights")
-    if config.data.dataset == "llava":
+    if config.data.dataset == "llava" and data:
         for field in ("annotation_file", "image_root"):
             if not os.path.exists(os.path.expanduser(config.data[field])):
                 raise FileNotFoundError(f"{name}.data.{field}: {config.data[field]!r} does not exist")
         if not config.data.tokenizer:
             raise ValueError(f"{name}.data.tokenizer: LLaVA data needs a tokenizer folder (e.g. Llama-2's, or one "
                              f"built by `python -m qtl_jax.data.tokenizer`)")
-    elif config.data.dataset not in builders.BUILT_IN:
+    elif config.data.dataset not in (*builders.BUILT_IN, "llava"):
         raise ValueError(f"{name}.data.dataset must be one of {(*builders.BUILT_IN, 'llava')}, got "
                          f"{config.data.dataset!r}")
-    if config.data.tokenizer and not os.path.isdir(os.path.expanduser(config.data.tokenizer)):
+    if data and config.data.tokenizer and not os.path.isdir(os.path.expanduser(config.data.tokenizer)):
         raise FileNotFoundError(f"{name}.data.tokenizer: folder {config.data.tokenizer!r} does not exist")
     for eval_name, file in evaluation.parse_eval_files(config.data.eval_files, f"{name}.data.eval_files").items():
-        if not os.path.isfile(os.path.expanduser(file)):
+        if data and not os.path.isfile(os.path.expanduser(file)):
             raise FileNotFoundError(f"{name}.data.eval_files: {eval_name}={file!r} does not exist")
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
         raise FileNotFoundError(f"{name}.init_from: {config.init_from!r} holds no checkpoints/ of a stage-1 run")
@@ -268,6 +279,29 @@ def collapse_metrics(model_cfg, metrics: dict) -> dict[str, float]:
             **{k: float(v) for k, v in (metrics.get("stats") or {}).items()}}
 
 
+def session_fingerprint(config, model_cfg: T.TinyLlavaConfig) -> dict:
+    """What the client and the server of a networked run must agree on (`wire.fingerprint`), from a stage config."""
+    return wire.fingerprint(model_cfg, stage=config.stage, downlink=config.split.downlink,
+                            buckets=tuple(config.data.buckets), batch_size=config.optim.batch_size,
+                            max_length=config.data.max_length, dtype=config.model.dtype)
+
+
+def max_message_bytes(config, model_cfg: T.TinyLlavaConfig) -> int:
+    """The largest legal message of a stage (a training batch or an evaluation batch at the longest bucket)."""
+    batch = max(config.optim.batch_size, config.eval.batch_size)
+    return wire.max_message_bytes(model_cfg, config.split.downlink, batch, max(config.data.buckets))
+
+
+def remote_crossing(config, model_cfg: T.TinyLlavaConfig, vocab_size: int, num_steps: int):
+    """The client's crossing to the server of `config.split.server` for this stage (remote mode)."""
+    from qtl_jax.split.remote.client import ConnectConfig, RemoteClient, RemoteCrossing
+
+    connect = ConnectConfig.from_config(config.split, max_message_bytes(config, model_cfg))
+    return RemoteCrossing(RemoteClient(connect), model_cfg, session_fingerprint(config, model_cfg),
+                          stage=config.stage, vocab_size=vocab_size, num_steps=num_steps,
+                          downlink=config.split.downlink)
+
+
 def _interrupted(config, step: int, total: int) -> bool:
     return bool(config.stop_after) and config.stop_after <= step < total
 
@@ -313,30 +347,56 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
         raise ValueError(f"{len(source)} training samples make no full batch of {pipe.batch_size} x "
                          f"{config.optim.accum_steps} accumulation steps")
     tx_client, tx_server = build_optimizers(config, num_steps)
+    remote = config.split.mode == "remote"
+    crossing = remote_crossing(config, model_cfg, len(tokenizer), num_steps) if remote else None
     trainer = SplitTrainer(model_cfg, SplitConfig.from_config(config.split), tx_client, tx_server, params,
-                           dtype=dtype, boxed_like=boxed, trainable=tuple(config.optim.trainable))
+                           dtype=dtype, boxed_like=boxed, trainable=tuple(config.optim.trainable), crossing=crossing)
     del params  # the trainer holds its own copy on the meshes
 
     iterator = iter(pipeline.make_loader(source, tok_dir, pipe))
-    step = ckpt.latest_step() or 0
     totals = {"uplink_bytes": 0, "downlink_bytes": 0, "samples": 0, "skipped_samples": 0, "skipped_reasons": []}
-    if step:
-        iterator_state, saved = checkpoint.restore_state(ckpt, trainer, step, data)
+    if remote:
+        totals.update(wire_up_bytes=0, wire_down_bytes=0)
+        if ckpt.latest_step() is None:  # step 0 too: a server that restarts early can always be met there
+            checkpoint.save_state(ckpt, trainer, 0, iterator.get_state(), totals, data)
+
+    def restore(at: int) -> int:
+        iterator_state, saved = checkpoint.restore_state(ckpt, trainer, at, data)
         totals.update(saved)
         iterator.set_state(iterator_state)
-    # Records logged after the step we start from (a crash after logging, or a finished stage evaluated
-    # again) are logged again: drop them so that metrics.jsonl has each once.
+        # Records logged after the step we start from (a crash after logging, or a finished stage evaluated
+        # again) are logged again: drop them so that metrics.jsonl has each once.
+        writer.truncate(at)
+        return at
+
+    step = restore(ckpt.latest_step()) if ckpt.latest_step() else 0
     writer.truncate(step)
+    if remote:  # continue from the newest step both sides hold
+        crossing.checkpoints = ckpt.all_steps
+        resume = crossing.open(step, ckpt.all_steps())
+        if resume != step:
+            log(f"[{config.stage}] the server holds step {resume}: resuming both from there")
+            step = restore(resume)
     if _interrupted(config, step, micro_steps):
         return {"stage": config.stage, "steps": step, "interrupted": True}
     bar = tqdm(total=micro_steps, initial=step, desc=config.stage, unit="step", dynamic_ncols=True)
     last = time.perf_counter()
     while step < micro_steps:
         batch = next(iterator)
-        metrics = trainer.step(batch)
+        save = (step + 1) % config.checkpoint_every == 0 or step + 1 == micro_steps or _interrupted(
+            config, step + 1, micro_steps)
+        try:
+            metrics = trainer.step(batch, step + 1, save)
+        except Resync as e:  # the server restarted from an older checkpoint
+            log(f"[{config.stage}] the server resumed at step {e.step}: restoring the client's checkpoint")
+            step = restore(e.step)
+            bar.reset(micro_steps)
+            bar.update(step)
+            continue
         step += 1
-        totals["uplink_bytes"] += metrics["uplink_bytes"]
-        totals["downlink_bytes"] += metrics["downlink_bytes"]
+        for key in ("uplink_bytes", "downlink_bytes", "wire_up_bytes", "wire_down_bytes"):
+            if key in metrics:
+                totals[key] += metrics[key]
         skipped = [reason for reason in batch["skipped"].tolist() if reason]
         totals["samples"] += len(batch["input_ids"]) - len(skipped)
         for reason in skipped:
@@ -357,10 +417,9 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
                             up_mb=f"{metrics['uplink_bytes'] / 1e6:.2f}",
                             down_mb=f"{metrics['downlink_bytes'] / 1e6:.2f}")
         bar.update(1)
-        interrupted = _interrupted(config, step, micro_steps)
-        if step % config.checkpoint_every == 0 or step == micro_steps or interrupted:
+        if save:
             checkpoint.save_state(ckpt, trainer, step, iterator.get_state(), totals, data)
-        if interrupted:
+        if _interrupted(config, step, micro_steps):
             bar.close()
             return {"stage": config.stage, "steps": step, "interrupted": True}
     bar.close()
@@ -372,21 +431,25 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
     if totals["skipped_samples"]:
         log(f"[{config.stage}] {totals['skipped_samples']} samples skipped (on_bad_sample=skip); the first reasons "
             f"are in {workdir}/summary.json")
+    if remote:  # what the serialized messages weighed, framing included
+        summary["wire_up_bytes_run"], summary["wire_down_bytes_run"] = totals["wire_up_bytes"], totals[
+            "wire_down_bytes"]
     if totals["samples"]:
         summary["uplink_bytes_per_sample"] = totals["uplink_bytes"] / totals["samples"]
         summary["downlink_bytes_per_sample"] = totals["downlink_bytes"] / totals["samples"]
         example = _example_batch(model_cfg, max(config.data.buckets[0], 8))
         example = tuple(np.repeat(x, config.optim.batch_size, 0) for x in example)
         summary["uplink_ratio_to_fp16"] = uplink_ratio_to_fp16(model_cfg, example)
-    if config.stage == "finetune":  # the trained model in the Hugging Face layout, compressors included
-        if primary:
-            convert.export_tinyllava(params, model_cfg, os.path.join(workdir, "export"))
-        summary["export"] = os.path.join(workdir, "export")
+    if config.stage == "finetune":
+        if not remote:  # the trained model in the Hugging Face layout, compressors included
+            if primary:
+                convert.export_tinyllava(params, model_cfg, os.path.join(workdir, "export"))
+            summary["export"] = os.path.join(workdir, "export")
         sources = evaluation.eval_sources(config, log)
         if sources:
-            log(f"[{config.stage}] evaluating on {', '.join(sources)}")
+            log(f"[{config.stage}] evaluating on {', '.join(sources)}" + (" over the network" if remote else ""))
         results = evaluation.run_evaluation(config, model_cfg, params, tokenizer, sources,
-                                            os.path.join(workdir, "eval"), dtype, log)
+                                            os.path.join(workdir, "eval"), dtype, log, remote=crossing)
         for name, scores in results.items():
             summary[f"{name}_accuracy"] = scores["accuracy"]
             writer.write(step, **{f"{name}_accuracy_{k}": v for k, v in scores["accuracy"].items()})
@@ -420,26 +483,35 @@ def _check_resume(config, stage_dir: str) -> None:
         checkpoint.check_resume_config(stage_dir, config)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Runs the configured stage (stage 1 first when finetuning without init_from); prints a summary.
-
-    Before any work: both stages' configs are checked, and a workdir that holds a run with another config is
-    refused (`checkpoint.check_resume_config`). The config is saved as `workdir/config.json`, and each stage's
-    own as `workdir/STAGE/config.json`."""
-    full, stages = config, []
-    check_config(config)  # the fields as the user set them (stage 1 shares most of them)
+def stage_plan(config: ml_collections.ConfigDict, workdir: str, data: bool = True) -> list[tuple]:
+    """[(stage config, stage folder)] of a run: stage 1 then stage 2 when finetuning without init_from, else
+    the one stage. Checks every stage's config (`data=False`: the server, which has no data) and refuses a
+    folder that holds a run with another config."""
+    stages = []
+    check_config(config, data=data)  # the fields as the user set them (stage 1 shares most of them)
     if config.stage == "finetune" and not config.init_from:
         if "stage1" not in config:
             raise ValueError("config.init_from is empty and the config has no stage1 section to run first")
         stage1_dir = os.path.join(workdir, "pretrain")
         stages.append((stage1_config(config), stage1_dir))
-        check_config(stages[0][0], "config.stage1")
+        check_config(stages[0][0], "config.stage1", data=data)
         config = ml_collections.ConfigDict(config.to_dict())
         config.init_from = stage1_dir
         del config["stage1"]
     stages.append((config, os.path.join(workdir, config.stage)))
     for stage_config, stage_dir in stages:
         _check_resume(stage_config, stage_dir)
+    return stages
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs the configured stage (stage 1 first when finetuning without init_from); prints a summary.
+
+    Before any work: both stages' configs are checked, and a workdir that holds a run with another config is
+    refused (`checkpoint.check_resume_config`). The config is saved as `workdir/config.json`, and each stage's
+    own as `workdir/STAGE/config.json`."""
+    full = config
+    stages = stage_plan(config, workdir)
     checkpoint.save_config(workdir, full)
     summaries = []
     for stage_config, stage_dir in stages:

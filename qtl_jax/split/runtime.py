@@ -235,6 +235,15 @@ class ServerReply:
     wire: dict = dataclasses.field(default_factory=dict)
 
 
+class Resync(Exception):  # an instruction to the training loop rather than an error
+    """The server lost steps (it restarted from a checkpoint): the client continues from `step`, which it must
+    restore from its own checkpoints first."""
+
+    def __init__(self, step: int):
+        super().__init__(f"the server resumed at step {step}: restore the client's checkpoint of step {step}")
+        self.step = step
+
+
 class Crossing:
     """Carries a step's uplink to the server half and its reply back: the only thing `meshes` and `remote`
     do differently. `step` is the step's id (1, 2, ...: the micro-step it applies); `checkpoint` asks the server

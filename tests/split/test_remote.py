@@ -1,10 +1,8 @@
 """The networked split (`remote`) against its reference (`meshes`): same losses, same parameters, over a real
 gRPC server on loopback; the session, exactly-once steps and security, each with the status a client gets."""
 
-import json
 
 import flax.linen as nn
-import grpc
 import jax
 import numpy as np
 import optax
@@ -12,10 +10,8 @@ import pytest
 
 from qtl_jax.models import tinyllava as T
 from qtl_jax.split import wire
-from qtl_jax.split.remote import protocol_pb2 as pb
-from qtl_jax.split.remote import security
 from qtl_jax.split.remote.client import ConnectConfig, RemoteClient, RemoteCrossing
-from qtl_jax.split.remote.server import ParamStages, SplitServer, make_grpc_server, resume_step
+from qtl_jax.split.remote.server import ParamStages, SplitServer, make_grpc_server
 from qtl_jax.split.runtime import SplitConfig, SplitTrainer
 
 from ..models.test_tinyllava import batch, micro

@@ -28,18 +28,9 @@ from qtl_jax.split import wire
 from qtl_jax.split.remote import protocol_pb2 as pb
 from qtl_jax.split.remote import security
 from qtl_jax.split.remote.server import SERVICE, arrays_from_proto, arrays_to_proto
-from qtl_jax.split.runtime import Crossing, ServerReply
+from qtl_jax.split.runtime import Crossing, Resync, ServerReply
 
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-class Resync(Exception):
-    """The server lost steps (it restarted from a checkpoint): the client continues from `step`, which it must
-    restore from its own checkpoints first."""
-
-    def __init__(self, step: int):
-        super().__init__(f"the server resumed at step {step}: restore the client's checkpoint of step {step}")
-        self.step = step
 
 
 @dataclasses.dataclass(frozen=True)
