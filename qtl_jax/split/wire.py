@@ -61,9 +61,10 @@ def from_arrays(template, arrays: Sequence[WireArray], what: str = "message"):
     for i, (leaf, array) in enumerate(zip(leaves, arrays, strict=True)):
         dtype, shape = np.dtype(leaf.dtype), tuple(int(d) for d in leaf.shape)
         if array.dtype != dtype.name:
-            raise WireError(f"{what}: array {i} has dtype {array.dtype!r}, expected {dtype.name!r}")
+            raise WireError(f"{what}: array {i} has dtype {array.dtype[:32]!r}, expected {dtype.name!r}")
         if tuple(array.shape) != shape:
-            raise WireError(f"{what}: array {i} has shape {tuple(array.shape)}, expected {shape}")
+            got = tuple(array.shape) if len(array.shape) <= 8 else f"{len(array.shape)} dimensions"
+            raise WireError(f"{what}: array {i} has shape {got}, expected {shape}")
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if len(array.data) != expected:
             raise WireError(f"{what}: array {i} ({dtype.name}{list(shape)}) has {len(array.data)} bytes, expected "
@@ -90,7 +91,9 @@ def _example(config: T.TinyLlavaConfig, batch_size: int, text_length: int):
 def _client_shapes(config: T.TinyLlavaConfig, batch_size: int, text_length: int) -> T.ClientResult:
     client = T.TinyLlavaClient(config)
     example = _example(config, batch_size, text_length)
-    params = jax.eval_shape(client.init, jax.random.key(0), *example)
+    # The key inside the traced function: a concrete one would be a host-to-device transfer, which the training
+    # step's transfer guard refuses (templates are built lazily, mid-step).
+    params = jax.eval_shape(lambda *b: client.init(jax.random.key(0), *b), *example)
     return jax.eval_shape(lambda p, *b: client.apply(p, *b), params, *example)
 
 
@@ -111,7 +114,7 @@ def token_rows_template(config: T.TinyLlavaConfig, batch_size: int):
     """The text payload of one generated token per sample (`tinyllava.token_payload_fn`), quantized embeddings."""
     client = T.TinyLlavaClient(config)
     ids = jax.ShapeDtypeStruct((batch_size, 1), jnp.int32)
-    params = jax.eval_shape(client.init, jax.random.key(0), *_example(config, batch_size, 8))
+    params = jax.eval_shape(lambda *b: client.init(jax.random.key(0), *b), *_example(config, batch_size, 8))
 
     def payload(p, ids):
         return client.apply(p, ids, None, method=T.TinyLlavaClient.token_payload)
@@ -154,7 +157,15 @@ def fingerprint(model_config: T.TinyLlavaConfig, *, stage: str, downlink: str, b
     return json.loads(json.dumps(out))
 
 
-def fingerprint_differences(server: dict, client: dict) -> list[str]:
-    """'field: server X, client Y' for every field that differs (an empty list when they agree)."""
-    return [f"{k}: server {server.get(k, '(absent)')!r}, client {client.get(k, '(absent)')!r}"
-            for k in sorted(set(server) | set(client)) if server.get(k) != client.get(k)]
+def _short(value, limit: int = 100) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def fingerprint_differences(server: dict, client: dict, most: int = 20) -> list[str]:
+    """'field: server X, client Y' for every field that differs (an empty list when they agree); at most `most`
+    of them, then how many more (each value cut to 100 characters: the client's side may be anything)."""
+    keys = [k for k in sorted(set(server) | set(client), key=str) if server.get(k) != client.get(k)]
+    out = [f"{str(k)[:100]}: server {_short(server.get(k, '(absent)'))}, client {_short(client.get(k, '(absent)'))}"
+           for k in keys[:most]]
+    return out + ([f"and {len(keys) - most} more"] if len(keys) > most else [])

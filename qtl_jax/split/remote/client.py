@@ -143,6 +143,7 @@ class RemoteCrossing(Crossing):
         self.client, self.model_config, self.fp = client, model_config, fingerprint
         self.stage, self.vocab_size, self.num_steps, self.downlink = stage, vocab_size, num_steps, downlink
         self.session_id = ""
+        self.step = 0  # the last step the server acknowledged
         self.checkpoints: Callable[[], Sequence[int]] = lambda: ()
 
     def open(self, step: int, checkpoints: Sequence[int]) -> int:
@@ -153,8 +154,15 @@ class RemoteCrossing(Crossing):
                                         checkpoints=sorted(checkpoints), vocab_size=self.vocab_size,
                                         num_steps=self.num_steps)
         reply, _, _ = self.client.call("OpenSession", request, pb.OpenSessionReply)
-        self.session_id = reply.session_id
+        self.session_id, self.step = reply.session_id, reply.resume_step
         return reply.resume_step
+
+    def reopen(self) -> None:
+        """After the server restarted: a new session at the client's current step; `Resync` when the server
+        holds an older one only."""
+        current = self.step
+        if self.open(current, self.checkpoints()) != current:
+            raise Resync(self.step)
 
     def exchange(self, step: int, uplink, checkpoint: bool = False) -> ServerReply:
         batch, length = (int(d) for d in uplink.labels.shape)
@@ -165,11 +173,10 @@ class RemoteCrossing(Crossing):
         except grpc.RpcError as e:
             if e.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            resume = self.open(step - 1, self.checkpoints())  # the server restarted
-            if resume != step - 1:
-                raise Resync(resume) from None
+            self.reopen()  # the server restarted
             request.session_id = self.session_id
             reply, sent, received = self.client.call("Step", request, pb.StepReply)
+        self.step = step
         template = wire.downlink_template(self.model_config, self.downlink, batch, length)
         downlink = wire.from_arrays(template, arrays_from_proto(reply.downlink), "downlink")
         return ServerReply(np.float32(reply.ce_loss), downlink, {"up": sent, "down": received})
@@ -178,7 +185,19 @@ class RemoteCrossing(Crossing):
                  token_payload: Callable | None = None) -> np.ndarray:
         """Answers for a prompt uplink (`for_inference` codecs): int32[B, max_new_tokens]. With quantized text
         embeddings `token_payload(tokens int32[B, 1]) -> Payload` codes each generated token's row: one round trip
-        per token."""
+        per token. Generation changes nothing on the server, so a stream cut by a server restart is run again on
+        a new session (waiting for the server as every call does)."""
+        start = time.monotonic()
+        while True:
+            try:
+                return self._generate(uplink, max_new_tokens, eos_id, pad_id, token_payload)
+            except grpc.RpcError as e:
+                if e.code() not in (*RETRIED, grpc.StatusCode.NOT_FOUND) or (
+                        time.monotonic() - start > self.client.connect.wait_s):
+                    raise
+                self.reopen()
+
+    def _generate(self, uplink, max_new_tokens, eos_id, pad_id, token_payload) -> np.ndarray:
         import queue
 
         batch, length = (int(d) for d in uplink.labels.shape)

@@ -19,7 +19,9 @@
   never restores: a client that restarts from an older checkpoint replays its lost steps, and those updates
   reach the server's model twice (bitwise recovery holds for one client per server).
 * **Evaluation.** `generate` runs the server's generation on a prompt uplink; with quantized text embeddings
-  each generated token costs one round trip: the server sends the token, the client answers with its row.
+  each generated token costs one round trip: the server sends the token, the client answers with its row. A
+  generation holds the model (training steps donate its parameters), so other clients' steps wait for it; a
+  client that stops answering is dropped after `TOKEN_WAIT_S`.
 
 Authentication (tokens, TLS) and the gRPC glue are at the bottom: `make_grpc_server`.
 """
@@ -152,7 +154,9 @@ class ParamStages(Stages):
                                 batch_size=self.batch_size, max_length=self.max_length, dtype=self.dtype)
 
     def build(self, stage: str, vocab_size: int, num_steps: int) -> StageHalf:
-        trainer = SplitTrainer(self.model_config, self.split, None, self.tx, self.params, dtype=jax.numpy.dtype(
+        # A copy: the server step donates its parameters, and a later build must find the initial ones.
+        params = jax.tree.map(np.array, self.params)
+        trainer = SplitTrainer(self.model_config, self.split, None, self.tx, params, dtype=jax.numpy.dtype(
             self.dtype), boxed_like=self.boxed_like, trainable=self.trainable, halves=("server",))
         return StageHalf(stage, trainer, self.fingerprint(stage, vocab_size), vocab_size, num_steps, self.batch_size,
                          self.buckets, self.eval_batch_size,
@@ -219,7 +223,8 @@ class SplitServer:
             _fail(grpc.StatusCode.FAILED_PRECONDITION, f"protocol version: server {wire.PROTOCOL_VERSION}, client "
                                                        f"{request.protocol_version}")
         if request.stage not in self.stages.names:
-            _fail(grpc.StatusCode.INVALID_ARGUMENT, f"stage {request.stage!r}: the server runs {self.stages.names}")
+            _fail(grpc.StatusCode.INVALID_ARGUMENT,
+                  f"stage {request.stage[:64]!r}: the server runs {self.stages.names}")
         if not 0 < request.vocab_size <= 2**31 - 1 or not 0 < request.num_steps <= 2**40:
             _fail(grpc.StatusCode.INVALID_ARGUMENT, f"vocab_size {request.vocab_size} and num_steps "
                                                     f"{request.num_steps} must be positive")
@@ -227,7 +232,7 @@ class SplitServer:
             _fail(grpc.StatusCode.INVALID_ARGUMENT, "steps must be >= 0")
         try:
             theirs = json.loads(request.fingerprint)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
             _fail(grpc.StatusCode.INVALID_ARGUMENT, f"fingerprint is not JSON: {e}")
         if not isinstance(theirs, dict):
             _fail(grpc.StatusCode.INVALID_ARGUMENT, "fingerprint must be a JSON object")
@@ -393,12 +398,17 @@ class SplitServer:
 
 
 # ------------------------------------------------------------------------------------------------ gRPC
+MAX_DETAILS = 2000  # status details travel in gRPC metadata (16 kB at most): a refusal never quotes more
+
+
 def _guard(context, fn):
-    """Runs `fn`, answering an RpcFailure with its status (the server keeps serving)."""
+    """Runs `fn`, answering an RpcFailure with its status (the server keeps serving). The details are cut to
+    `MAX_DETAILS` characters: they may quote what the client sent."""
     try:
         return fn()
     except RpcFailure as e:
-        context.abort(e.code, e.message)
+        message = e.message if len(e.message) <= MAX_DETAILS else e.message[:MAX_DETAILS] + " ... (truncated)"
+        context.abort(e.code, message)
 
 
 def _parse(message_cls, raw: bytes):
