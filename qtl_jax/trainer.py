@@ -371,7 +371,8 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
 
     step = restore(ckpt.latest_step()) if ckpt.latest_step() else 0
     writer.truncate(step)
-    if remote:  # continue from the newest step both sides hold
+    # Continue from the newest step both sides hold (a finished stage 1 needs no session: the server has it too).
+    if remote and (step < micro_steps or config.stage == "finetune"):
         crossing.checkpoints = ckpt.all_steps
         resume = crossing.open(step, ckpt.all_steps())
         if resume != step:
