@@ -250,6 +250,27 @@ def init_params(cfg, data):
     return plain, boxed
 
 
+def serve(stack: contextlib.ExitStack, cfg, plain, boxed, split: SplitConfig, batch_size: int, length: int,
+          certs: Certificates) -> tuple[RemoteCrossing, int, int]:
+    """An in-process server (the server half of `plain`) on 127.0.0.1 and an open session to it: (crossing, port,
+    message size limit); `stack` stops both."""
+    stages = ParamStages(cfg, split, optax.sgd(1e-3), plain, boxed_like=boxed, batch_size=batch_size,
+                         buckets=(length,))
+    limit = wire.max_message_bytes(cfg, split.downlink, batch_size, length)
+    core = SplitServer(stages, {CLIENT_ID: TOKEN}, log=lambda _: None)
+    stack.callback(core.close)
+    server, port = make_grpc_server(core, "127.0.0.1:0", credentials=certs.server(), max_message_bytes=limit)
+    stack.callback(lambda: server.stop(grace=None).wait(10))
+    client = RemoteClient(certs.connect(port, limit))
+    stack.callback(client.close)
+    fp = wire.fingerprint(cfg, stage="finetune", downlink=split.downlink, buckets=(length,), batch_size=batch_size,
+                          max_length=length, dtype="float32")
+    crossing = RemoteCrossing(client, cfg, fp, stage="finetune", vocab_size=cfg.lm.vocab_size, num_steps=10**6,
+                              downlink=split.downlink)
+    assert crossing.open(0, ()) == 0
+    return crossing, port, limit
+
+
 class Stepper:
     """A trainer stepped with consecutive step ids; `run` blocks until the step (client update included) is done."""
 
@@ -272,21 +293,9 @@ def step_time(name: str, cfg, batch_size: int, length: int, downlink: str, repea
     meshes = Stepper(SplitTrainer(cfg, SplitConfig(mode="meshes", **split), optax.sgd(1e-3), optax.sgd(1e-3), plain,
                                   boxed_like=boxed), data)
 
-    stages = ParamStages(cfg, SplitConfig(mode="meshes", **split), optax.sgd(1e-3), plain, boxed_like=boxed,
-                         batch_size=batch_size, buckets=(length,))
-    limit = wire.max_message_bytes(cfg, downlink, batch_size, length)
     with contextlib.ExitStack() as stack:
-        core = SplitServer(stages, {CLIENT_ID: TOKEN}, log=lambda _: None)
-        stack.callback(core.close)
-        server, port = make_grpc_server(core, "127.0.0.1:0", credentials=certs.server(), max_message_bytes=limit)
-        stack.callback(lambda: server.stop(grace=None).wait(10))
-        client = RemoteClient(certs.connect(port, limit))
-        stack.callback(client.close)
-        fp = wire.fingerprint(cfg, stage="finetune", downlink=downlink, buckets=(length,), batch_size=batch_size,
-                              max_length=length, dtype="float32")
-        crossing = RemoteCrossing(client, cfg, fp, stage="finetune", vocab_size=cfg.lm.vocab_size, num_steps=10**6,
-                                  downlink=downlink)
-        assert crossing.open(0, ()) == 0
+        crossing, port, limit = serve(stack, cfg, plain, boxed, SplitConfig(mode="meshes", **split), batch_size,
+                                      length, certs)
         remote = Stepper(SplitTrainer(cfg, SplitConfig(mode="remote", **split), optax.sgd(1e-3), None, plain,
                                       boxed_like=boxed, crossing=crossing), data)
         for _ in range(2):  # compiles
@@ -339,22 +348,10 @@ def generation(name: str, cfg, batch_size: int, length: int, new_tokens: int, re
         return T.server_generate(cfg, jax.device_put(plain["server"]), out.uplink,
                                  embed=lambda t: rows(t, out.text_moments), **options)
 
-    split = SplitConfig(mode="meshes", client_mesh=(1, 1, 1), server_mesh=(1, 1, 1))
-    stages = ParamStages(cfg, split, optax.sgd(1e-3), plain, boxed_like=boxed, batch_size=batch_size,
-                         buckets=(length,))
-    limit = wire.max_message_bytes(cfg, "fp32", batch_size, length)
     with contextlib.ExitStack() as stack:
-        core = SplitServer(stages, {CLIENT_ID: TOKEN}, log=lambda _: None)
-        stack.callback(core.close)
-        server, port = make_grpc_server(core, "127.0.0.1:0", credentials=certs.server(), max_message_bytes=limit)
-        stack.callback(lambda: server.stop(grace=None).wait(10))
-        remote_client = RemoteClient(certs.connect(port, limit))
-        stack.callback(remote_client.close)
-        fp = wire.fingerprint(cfg, stage="finetune", downlink="fp32", buckets=(length,), batch_size=batch_size,
-                              max_length=length, dtype="float32")
-        crossing = RemoteCrossing(remote_client, cfg, fp, stage="finetune", vocab_size=cfg.lm.vocab_size,
-                                  num_steps=1, downlink="fp32")
-        crossing.open(0, ())
+        split = SplitConfig(mode="meshes", client_mesh=(1, 1, 1), server_mesh=(1, 1, 1))
+        crossing = serve(stack, cfg, plain, boxed, split, batch_size, length, certs)[0]
+        remote_client = crossing.client
 
         def remote():
             return crossing.generate(out.uplink, token_payload=lambda t: payload(plain["client"], t, out.text_moments),

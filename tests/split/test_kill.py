@@ -1,10 +1,18 @@
 """Crash recovery: SIGKILL the server, then the client, of a networked run, each at a random step; each restarted
-with the same command, the run finishes and equals the uninterrupted one (the session's meshes run, which a
-networked run equals bit for bit). `benchmarks/kill_recovery.py` runs 20 trials of each side alone."""
+with the same command, the run finishes and equals the uninterrupted one.
+
+The reference is the session's meshes run. In this process (8 devices) a networked run equals it bit for bit
+(`test_remote_run.py`); the client and server processes here have 2 and 4 devices, and XLA rounds a few values
+differently there (~1e-8), so this compares to 1e-6. A replayed or skipped step moves parameters by ~1e-4.
+`benchmarks/kill_recovery.py` compares bit for bit with an uninterrupted run of the same two processes (20
+trials of each side)."""
 
 import os
 import random
 import sys
+
+import jax
+import numpy as np
 
 from qtl_jax import checkpoint
 
@@ -25,4 +33,10 @@ def test_killed_server_then_client_restart_and_the_run_equals_the_uninterrupted_
     for side in ("server", "client"):  # each ran twice
         with open(tmp_path / f"{side}.log") as f:
             assert f.read().count(f"[kill_recovery] starting the {side}") == 2, side
-    assert kill_recovery.equal(kill_recovery.final_params(str(tmp_path)), reference), (server_after, client_after)
+    got = kill_recovery.final_params(str(tmp_path))
+    for key, params in reference.items():
+        for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(got[key])[0], jax.tree.leaves(params),
+                                strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6,
+                                       err_msg=f"{key} {jax.tree_util.keystr(path)} (kills after steps "
+                                               f"{server_after}, {client_after})")

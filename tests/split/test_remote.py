@@ -106,3 +106,20 @@ def test_remote_equals_meshes(name, transport, downlink):
         crossing.client.close()
     finally:
         served.stop()
+
+
+def test_checked_in_messages_are_generated_from_the_proto(tmp_path):
+    """protocol_pb2.py is what protoc makes of protocol.proto (regenerate it with the command in the .proto)."""
+    import os
+
+    from grpc_tools import protoc
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
+    proto = "qtl_jax/split/remote/protocol.proto"
+    assert protoc.main(["protoc", f"-I{root}", f"--python_out={tmp_path}", os.path.join(root, proto)]) == 0
+    generated = (tmp_path / proto.replace(".proto", "_pb2.py")).read_text()
+    with open(os.path.join(root, proto.replace(".proto", "_pb2.py"))) as f:
+        checked_in = f.read()
+    # The descriptor (what the messages are) must match; the header names protoc's version.
+    descriptor = lambda text: next(line for line in text.splitlines() if "AddSerializedFile" in line)
+    assert descriptor(generated) == descriptor(checked_in)
