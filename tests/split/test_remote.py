@@ -123,3 +123,39 @@ def test_checked_in_messages_are_generated_from_the_proto(tmp_path):
     # The descriptor (what the messages are) must match; the header names protoc's version.
     descriptor = lambda text: next(line for line in text.splitlines() if "AddSerializedFile" in line)
     assert descriptor(generated) == descriptor(checked_in)
+
+
+@pytest.mark.parametrize("transport", ["quantized_embeddings", "token_ids"])
+def test_generation_over_the_network_equals_local_generation(transport):
+    """The server generates from the prompt's uplink; with quantized text rows each new token's row comes from the
+    client (one round trip per token). The tokens equal generation with both halves in one process."""
+    cfg = micro("rd_fsq", transport)
+    inference = cfg.for_inference()
+    plain, _ = _params(cfg)
+    served = Served(cfg)
+    try:
+        crossing = _remote_trainer(cfg, served.address)[1]
+        images, ids, mask, labels = batch()
+        out = T.client_apply(inference, plain["client"], images, ids, mask, labels)
+        embed = payload = None
+        round_trips = []
+        if transport == "quantized_embeddings":
+            rows = T.token_rows_fn(inference, plain)
+            embed = lambda t: rows(t, out.text_moments)
+
+            def payload(tokens):
+                round_trips.append(np.asarray(tokens))
+                return T.TinyLlavaClient(inference).apply({"params": plain["client"]}, tokens, out.text_moments,
+                                                          method=T.TinyLlavaClient.token_payload)
+
+        options = {"max_new_tokens": 5, "eos_id": -1, "pad_id": 0}
+        expected = T.server_generate(inference, plain["server"], out.uplink, embed=embed, **options)
+        got = crossing.generate(out.uplink, token_payload=payload, **options)
+        np.testing.assert_array_equal(got, expected)
+        # Quantized rows: one round trip per generated token but the last (whose row nothing reads), carrying it.
+        if transport == "quantized_embeddings":
+            assert len(round_trips) == 4
+            np.testing.assert_array_equal(np.concatenate(round_trips, axis=1), np.asarray(expected)[:, :4])
+        crossing.client.close()
+    finally:
+        served.stop()
