@@ -177,13 +177,8 @@ class RDFSQ(_LevelCodec):
         usage = 0.0
         if self.usage_weight:
             usage = self.usage_weight * rd_fsq_lib.usage_loss(code, self.num_bits, mask)
-        if self.commitment == "cosine":
-            return rd_fsq_lib.commitment_loss(code, q, mask) + usage
-        if z is None:
-            raise ValueError("the distortion term needs the unclipped input z of encode")
-        v = rd_fsq_lib.robust_scale(z, mask, self.width, per_sample=self.statistics == "sample", moments=moments,
-                                    clip=False)
-        return rd_fsq_lib.distortion_loss(v, q, mask) + usage
+        return rd_fsq_lib.loss_term(self.commitment, code, q, mask, z, self.width, self.statistics == "sample",
+                                    moments) + usage
 
     def stats(self, z, mask=None, moments=None):
         moments = self.moments(z, mask) if moments is None else moments

@@ -246,6 +246,20 @@ def usage_loss(u: jax.Array, bits: int, mask: jax.Array | None = None, temperatu
     return (per_element - jnp.mean(entropy(average))) / jnp.log(d)
 
 
+def loss_term(kind: str, u: jax.Array, q: jax.Array, mask: jax.Array | None = None, z: jax.Array | None = None,
+              width: float = 3.0, per_sample: bool = False, moments=None) -> jax.Array:
+    """RD-FSQ's loss term `kind` (one of `LOSSES`) for scaled codes u (`robust_scale` of z) and their levels q:
+    "cosine", the paper's `commitment_loss(u, q)`, or "distortion", `distortion_loss` of the *unclipped* scaled z
+    (so z, and the moments u was scaled with, are needed)."""
+    if kind not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {kind!r}")
+    if kind == "cosine":
+        return commitment_loss(u, q, mask)
+    if z is None:
+        raise ValueError("the distortion term needs the unclipped input z of robust_scale")
+    return distortion_loss(robust_scale(z, mask, width, per_sample, moments, clip=False), q, mask)
+
+
 def rd_fsq(
     z: jax.Array, bits: int, mask: jax.Array | None = None, width: float = 3.0, per_sample: bool = False,
     loss: str = "distortion",
@@ -270,7 +284,4 @@ def rd_fsq(
     moments = masked_moments(z, check_mask(mask, z), per_sample)
     u = robust_scale(z, mask, width, per_sample, moments)
     q = levels_ste(u, bits)
-    idx = quantize_levels(u, bits)
-    if loss == "cosine":
-        return q, idx, commitment_loss(u, q, mask)
-    return q, idx, distortion_loss(robust_scale(z, mask, width, per_sample, moments, clip=False), q, mask)
+    return q, quantize_levels(u, bits), loss_term(loss, u, q, mask, z, width, per_sample, moments)
