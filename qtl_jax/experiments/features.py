@@ -171,12 +171,3 @@ def quality_table(feats: dict[str, ModalityFeatures], codecs=("rd_fsq", "fsq_tan
                 rows.append({"modality": name, "codec": codec, "bits": b,
                              **reconstruction_quality(f.x, codec, b)})
     return rows
-
-
-def quality_markdown(rows: list[dict]) -> str:
-    """The quality table as Markdown: one line per (modality, codec, bits)."""
-    lines = ["| modality | codec | bits | NMSE | cosine | bits/element sent |", "|---|---|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['modality']} | {r['codec']} | {r['bits']} | {r['nmse']:.4f} | {r['cosine']:.4f} | "
-                     f"{r['bits_per_element']:.3f} |")
-    return "\n".join(lines) + "\n"

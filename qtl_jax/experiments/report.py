@@ -532,3 +532,12 @@ def write_report(rows: Iterable[dict], out_dir: str) -> dict:
     text = "\n".join(lines)
     _atomic_write(md_path, lambda f: f.write(text), encoding="utf-8")
     return {"csv": csv_path, "markdown": md_path, "plots": plots}
+
+
+def quality_markdown(rows: list[dict]) -> str:
+    """The codec-quality table (`features.quality_table`) as Markdown: one line per (modality, codec, bits)."""
+    lines = ["| modality | codec | bits | NMSE | cosine | bits/element sent |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['modality']} | {r['codec']} | {r['bits']} | {r['nmse']:.4f} | {r['cosine']:.4f} | "
+                     f"{r['bits_per_element']:.3f} |")
+    return "\n".join(lines) + "\n"

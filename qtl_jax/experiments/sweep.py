@@ -121,15 +121,16 @@ def train(run: Run, out: str, overrides: dict, log=print) -> dict:
 
 
 def analyse(run: Run, out: str, max_samples: int) -> dict:
-    """The run's entropy report (and, for fp16, the codec quality table), computed once and cached."""
-    from qtl_jax.experiments import features
-    from qtl_jax.models.convert import write_json
-
+    """The run's entropy report (and, for fp16, the codec quality table), computed once and cached (a cached one
+    needs no JAX: `--report-only` over analysed runs starts in a second)."""
     stage_dir = os.path.join(run.workdir(out), "finetune")
     path = os.path.join(stage_dir, "analysis.json")
     if os.path.isfile(path):
         with open(path) as f:
             return json.load(f)
+    from qtl_jax.experiments import features
+    from qtl_jax.models.convert import write_json
+
     feats = features.client_features(stage_dir, "validation", max_samples)
     analysis = {"entropy": features.entropy_report(feats, run.bits if run.bits <= 8 else None)}
     if run.compressor == report.FP16:
@@ -170,8 +171,6 @@ def finished_runs(out: str) -> list[Run]:
 
 def write_all(out: str, max_samples: int) -> dict:
     """results.csv, summary.md (with the quality tables) and the plots over every finished run under `out`."""
-    from qtl_jax.experiments import features
-
     rows, quality = [], {}
     for run in finished_runs(out):
         analysis = analyse(run, out, max_samples)
@@ -187,7 +186,7 @@ def write_all(out: str, max_samples: int) -> dict:
                 f.write(f"\n## {dataset}: codec quality without training\n\nOn the validation features of the "
                         f"fp16 run (seed {seed}); the first half of the rows fits a least-squares decoder, the "
                         f"second half is scored (`qtl_jax.experiments.features.reconstruction_quality`).\n\n")
-                f.write(features.quality_markdown(table))
+                f.write(report.quality_markdown(table))
     return files
 
 

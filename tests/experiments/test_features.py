@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from qtl_jax.experiments import features
+from qtl_jax.experiments import features, report
 
 
 def test_reconstruction_quality_on_gaussian_features():
@@ -21,6 +21,6 @@ def test_reconstruction_quality_on_gaussian_features():
     assert exact["bits_per_element"] == 2.0
     # NF at G = 64, D = 64: 2 + 8/64 (scales) + 32/64 (fp32 minima) + 64/64 (each row's two fp32 bounds).
     assert features.reconstruction_quality(x, "nf", 2)["bits_per_element"] == 3.625
-    table = features.quality_markdown(features.quality_table({"image": features.ModalityFeatures(x, x, None)},
+    table = report.quality_markdown(features.quality_table({"image": features.ModalityFeatures(x, x, None)},
                                                              codecs=("rd_fsq",), bits=(2,)))
     assert table.splitlines()[2].startswith("| image | rd_fsq | 2 | ")
