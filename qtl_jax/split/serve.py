@@ -71,7 +71,8 @@ def config_stages(config, workdir: str, log=print):
             log(f"[serve] {stage}: server half built ({num_steps} steps, vocabulary {vocab_size})")
             return StageHalf(stage, half, self.fingerprint(stage, vocab_size), vocab_size, num_steps,
                              c.optim.batch_size, tuple(c.data.buckets), c.eval.batch_size,
-                             ckpt=checkpoint.manager(stage_dir), max_new_tokens=c.eval.max_new_tokens)
+                             ckpt=checkpoint.manager(stage_dir), max_new_tokens=c.eval.max_new_tokens,
+                             accum_steps=c.optim.accum_steps)
 
     return ConfigStages()
 

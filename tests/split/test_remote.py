@@ -2,6 +2,8 @@
 gRPC server on loopback; the session, exactly-once steps and security, each with the status a client gets."""
 
 
+import json
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 from qtl_jax.models import tinyllava as T
 from qtl_jax.split import wire
+from qtl_jax.split.remote import protocol_pb2 as pb
 from qtl_jax.split.remote.client import ConnectConfig, RemoteClient, RemoteCrossing
 from qtl_jax.split.remote.server import ParamStages, SplitServer, make_grpc_server
 from qtl_jax.split.runtime import SplitConfig, SplitTrainer
@@ -159,3 +162,41 @@ def test_generation_over_the_network_equals_local_generation(transport):
         crossing.client.close()
     finally:
         served.stop()
+
+
+def test_a_client_ahead_waits_for_the_others_to_finish_the_stage():
+    """Several clients: the server moves to stage 2 when no other client is still in stage 1; until then a client
+    that is done gets UNAVAILABLE, which it retries like a server that is not up yet."""
+    import grpc
+
+    from qtl_jax.split.remote.server import RpcFailure, StageHalf, Stages
+
+    class TwoStages(Stages):
+        names = ("pretrain", "finetune")
+
+        def fingerprint(self, stage, vocab_size):
+            return {"stage": stage}
+
+        def build(self, stage, vocab_size, num_steps):
+            return StageHalf(stage, None, self.fingerprint(stage, vocab_size), vocab_size, num_steps, 2, (10,), 2,
+                             accum_steps=2)
+
+    core = SplitServer(TwoStages(), TOKENS, log=lambda _: None)
+
+    def open_session(client_id, stage):
+        request = pb.OpenSessionRequest(protocol_version=wire.PROTOCOL_VERSION, client_id=client_id, stage=stage,
+                                        fingerprint=json.dumps({"stage": stage}), vocab_size=50, num_steps=3)
+        return core.open_session(client_id, request).session_id
+
+    alice, bob = open_session("alice", "pretrain"), open_session("bob", "pretrain")
+    core.sessions[alice].last_step = 6  # 3 optimizer steps x 2 micro-batches: alice is done
+    core.sessions[bob].last_step = 5
+    with pytest.raises(RpcFailure) as refused:
+        open_session("alice", "finetune")
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "['bob']" in refused.value.message
+    assert core.half.stage == "pretrain"
+    core.sessions[bob].last_step = 6
+    open_session("alice", "finetune")
+    assert core.half.stage == "finetune" and bob not in core.sessions  # bob's stage-1 session is over
+    open_session("bob", "finetune")
+    assert sorted(s.client_id for s in core.sessions.values()) == ["alice", "bob"]

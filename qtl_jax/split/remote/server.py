@@ -90,6 +90,7 @@ class StageHalf:
       ckpt: the stage's checkpoint manager (None: the server keeps nothing on disk).
       step: steps applied, over all clients; sessions: {client id: its last applied step}.
       max_new_tokens: the most tokens a generation may ask for.
+      accum_steps: micro-batches per optimizer step (a client has finished the stage after num_steps x this).
     """
 
     stage: str
@@ -104,10 +105,14 @@ class StageHalf:
     step: int = 0
     sessions: dict = dataclasses.field(default_factory=dict)
     max_new_tokens: int = MAX_NEW_TOKENS
+    accum_steps: int = 1
 
     @property
     def model_config(self) -> T.TinyLlavaConfig:
         return self.trainer.model_config
+
+    def finished(self, step: int) -> bool:
+        return step >= self.num_steps * self.accum_steps
 
     def checkpoints(self) -> list[int]:
         return [] if self.ckpt is None else sorted(self.ckpt.all_steps())
@@ -267,14 +272,16 @@ class SplitServer:
                       f"{request.vocab_size} / {request.num_steps}")
             return half
         if half is not None:
-            others = sorted({s.client_id for s in self.sessions.values()
-                             if s.client_id != client_id and s.stage == half.stage})
+            # UNAVAILABLE: the client waits and asks again (its retries), as for a server that is not up yet.
+            others = sorted({s.client_id for s in self.sessions.values() if s.client_id != client_id
+                             and s.stage == half.stage and not half.finished(s.last_step)})
             if others:
-                _fail(grpc.StatusCode.FAILED_PRECONDITION,
+                _fail(grpc.StatusCode.UNAVAILABLE,
                       f"the server is in stage {half.stage!r} with clients {others}; stage {request.stage!r} "
                       f"starts when they are done")
             if half.ckpt is not None:
                 half.ckpt.close()
+            self.sessions = {k: v for k, v in self.sessions.items() if v.stage == request.stage}
         self.half = None
         half = self.stages.build(request.stage, int(request.vocab_size), int(request.num_steps))
         steps = half.checkpoints()
