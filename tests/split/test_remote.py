@@ -1,6 +1,6 @@
-"""The networked split (`remote`) against its reference (`meshes`): same losses, same parameters, over a real
-gRPC server on loopback; the session, exactly-once steps and security, each with the status a client gets."""
-
+"""The networked split (`remote`) against its reference (`meshes`) over a real gRPC server on loopback: the same
+losses and parameters, the same generated tokens; the checked-in messages; stage changes with several clients.
+(Sessions, exactly-once steps, security and fuzzing: test_remote_server.py.)"""
 
 import json
 
