@@ -106,6 +106,7 @@ class StageHalf:
     sessions: dict = dataclasses.field(default_factory=dict)
     max_new_tokens: int = MAX_NEW_TOKENS
     accum_steps: int = 1
+    _token_rows: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def model_config(self) -> T.TinyLlavaConfig:
@@ -113,6 +114,15 @@ class StageHalf:
 
     def finished(self, step: int) -> bool:
         return step >= self.num_steps * self.accum_steps
+
+    def token_rows(self):
+        """Jitted (server params, token payload) -> rows the LM reads (inference codecs): made once per stage, so
+        that each generation does not compile it again."""
+        if self._token_rows is None:
+            server = T.TinyLlavaServer(self.model_config.for_inference(), self.trainer.dtype)
+            self._token_rows = jax.jit(lambda p, payload: server.apply({"params": p}, payload,
+                                                                       method=T.TinyLlavaServer.token_rows))
+        return self._token_rows
 
     def checkpoints(self) -> list[int]:
         return [] if self.ckpt is None else sorted(self.ckpt.all_steps())
@@ -360,8 +370,7 @@ class SplitServer:
             embed = None
             if cfg.quantized_text:
                 template = wire.token_rows_template(cfg, batch)
-                rows = jax.jit(lambda p, payload: T.TinyLlavaServer(cfg, half.trainer.dtype).apply(
-                    {"params": p}, payload, method=T.TinyLlavaServer.token_rows))
+                rows = half.token_rows()
 
                 def embed(tokens):
                     replies.put(pb.GenerateReply(tokens=arrays_to_proto(wire.to_arrays(tokens))[0]))
