@@ -102,6 +102,7 @@ def uplink_template(config: T.TinyLlavaConfig, batch_size: int, text_length: int
     return _client_shapes(config, batch_size, text_length).uplink
 
 
+@functools.lru_cache(maxsize=64)  # the client looks it up every step: trace compress_downlink once per shape
 def downlink_template(config: T.TinyLlavaConfig, downlink: str, batch_size: int, text_length: int) -> tuple:
     """The downlink payloads (dL/dq of the image rows, of the text rows or None) for such a batch."""
     out = _client_shapes(config, batch_size, text_length)
