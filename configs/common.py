@@ -72,6 +72,9 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.model.siglip_checkpoint = "" if tiny else "checkpoints/siglip-so400m-patch14-384"
     c.model.openelm_checkpoint = "" if tiny else "checkpoints/OpenELM-270M-Instruct"
     c.model.tinyllava_checkpoint = ""  # a full TinyLLaVA checkpoint instead of the two above
+    # What each SigLIP / OpenELM layer keeps for the backward pass: none | full | dots | dots_no_batch
+    # (`qtl_jax.layers.REMAT_POLICIES`). Changes memory and speed, not the result.
+    c.model.remat = "none"
 
     c.compressor = ml_collections.ConfigDict()
     c.compressor.image = "rd_fsq"  # rd_fsq | fsq_tanh | nf | none_fp32 | none_bf16 | none_fp16

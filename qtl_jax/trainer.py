@@ -163,8 +163,10 @@ def model_config(config, vocab_size: int) -> T.TinyLlavaConfig:
     if vocab_size > lm.vocab_size:
         raise ValueError(f"config.data.tokenizer has {vocab_size} tokens, more than the model's vocabulary "
                          f"{lm.vocab_size}")
+    remat = config.model.get("remat", "none")
+    vision = dataclasses.replace(SIGLIP_TINY if tiny else SIGLIP_SO400M, remat=remat)
     return T.TinyLlavaConfig(
-        vision=SIGLIP_TINY if tiny else SIGLIP_SO400M, lm=lm,
+        vision=vision, lm=dataclasses.replace(lm, remat=remat),
         image_codec=_codec(config, config.compressor.image), text_codec=_codec(config, config.compressor.text),
         text_transport=config.compressor.text_transport, commitment_weight=config.compressor.commitment_weight)
 

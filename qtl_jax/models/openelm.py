@@ -1,13 +1,17 @@
 """OpenELM decoder (apple/OpenELM-270M(-Instruct)) as a Flax Linen module (SPEC §2.3).
 
 Layer-wise scaling: every layer has its own number of query heads and FFN width, computed from the config's
-multipliers exactly as the reference code does (not hard-coded), so the layers are an unrolled loop. Each
+multipliers exactly as the reference code does (not hard-coded), so the layers are an unrolled loop: no two
+layers have the same parameter shapes, so they cannot be stacked under `nn.scan` without padding every layer
+to the widest (which would change the FLOPs and the checkpoint layout). What the backward keeps is set per
+layer by `OpenELMConfig.remat` (`qtl_jax.layers.REMAT_POLICIES`). Each
 block is pre-norm: fused `qkv_proj` laid out [q heads | k heads | v heads] (head-major, head_dim contiguous),
 per-head RMSNorm on q and k, RoPE (rotate-half, float32, positions 0..L-1), grouped-query attention where
 query head j reads kv head j // group (`repeat`, not tiling), SwiGLU FFN whose first half is the gate, no
 biases anywhere, RMSNorm eps 1e-6 in float32, and a tied output head (logits = h @ token_embeddings.T).
 
-Attention masks: without a cache, causal plus a right-padding key mask; with a KV cache (generation), keys
+Attention (`qtl_jax.layers.attention`, i.e. `jax.nn.dot_product_attention`: cuDNN flash on GPU in bf16): without
+a cache, causal plus the right-padding key lengths; with a KV cache (generation), keys
 are valid when their absolute position is <= the query's, which holds for right-padded prompts because each
 row's generated tokens overwrite its own padding slots in order (see `qtl_jax.models.generate`).
 """
@@ -16,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,9 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl_jax.layers import RMSNorm, dense
-
-MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: fully masked (padding) rows stay NaN-free
+from qtl_jax.layers import RMSNorm, attention, check_remat, dense, remat
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -68,8 +69,12 @@ class OpenELMConfig:
     rope_freq_constant: float = 10000.0
     max_context_length: int = 2048
     norm_eps: float = 1e-6
+    # What each layer keeps for the backward (`qtl_jax.layers.REMAT_POLICIES`); a memory/speed knob, not part
+    # of the model: equal models compare equal whatever it is.
+    remat: str = dataclasses.field(default="none", compare=False)
 
     def __post_init__(self):
+        check_remat(self.remat)
         # As the reference: qkv_multipliers is always a (start, end) pair; ffn_multipliers may be the pair or
         # the expanded per-layer list (released config.json files store the list). Store the expanded list,
         # so that equal models have equal configs.
@@ -162,26 +167,14 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q float[B, Lq, Hq, Dh]; k, v float[B, Lk, Hkv, Dh]; mask bool[B, Lq, Lk].
-
-    Query head j attends with kv head j // (Hq / Hkv). Softmax in float32, scale 1 / sqrt(Dh).
-    """
-    group = q.shape[2] // k.shape[2]
-    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    logits = jnp.where(mask[:, None], logits, MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-
-
 class OpenELMAttention(nn.Module):
     config: OpenELMConfig
     layer: int
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, lengths, cache=None):
+        """x float[B, L, D]; positions int[B, L]; lengths int32[B] real keys (right padding; no cache) or None."""
         cfg = self.config
         n_q, n_kv, dh = cfg.num_query_heads[self.layer], cfg.num_kv_heads[self.layer], cfg.head_dim
         qkv = dense((n_q + 2 * n_kv) * dh, ("embed", "heads"), name="qkv_proj", use_bias=False,
@@ -197,7 +190,11 @@ class OpenELMAttention(nn.Module):
             cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), positions),
                      "v": write(cache["v"], v.astype(cache["v"].dtype), positions)}
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
-        out = attention(q, k, v, mask).reshape(*x.shape[:2], n_q * dh)
+            mask = jnp.arange(k.shape[1])[None, None, None, :] <= positions[:, None, :, None]
+            out = attention(q, k, v, mask=mask)
+        else:
+            out = attention(q, k, v, causal=True, kv_lengths=lengths)
+        out = out.reshape(*x.shape[:2], n_q * dh)
         return dense(cfg.model_dim, ("heads", "embed"), name="out_proj", use_bias=False, dtype=self.dtype)(out), cache
 
 
@@ -221,10 +218,10 @@ class OpenELMLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None):
+    def __call__(self, x, positions, lengths, cache=None):
         eps = self.config.norm_eps
         h, cache = OpenELMAttention(self.config, self.layer, self.dtype, name="attn")(
-            RMSNorm(eps, name="attn_norm")(x), positions, mask, cache)
+            RMSNorm(eps, name="attn_norm")(x), positions, lengths, cache)
         x = x + h
         return x + OpenELMFFN(self.config, self.layer, self.dtype, name="ffn")(RMSNorm(eps, name="ffn_norm")(x)), cache
 
@@ -246,12 +243,17 @@ class OpenELM(nn.Module):
             cfg.vocab_size, cfg.model_dim, dtype=self.dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
         )
-        self.layers = [OpenELMLayer(cfg, i, self.dtype) for i in range(cfg.num_transformer_layers)]
+        layer_cls = remat(OpenELMLayer, cfg.remat)
+        self.layers = [layer_cls(cfg, i, self.dtype) for i in range(cfg.num_transformer_layers)]
         self.norm = RMSNorm(cfg.norm_eps)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, L] token ids -> float[B, L, D] input embeddings."""
         return self.token_embeddings(input_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states float[..., D] (from `hidden`) -> float32[..., vocab] logits of the tied head."""
+        return self.token_embeddings.attend(hidden).astype(jnp.float32)
 
     def __call__(
         self,
@@ -266,33 +268,35 @@ class OpenELM(nn.Module):
         Args:
           input_ids: int[B, L].
           inputs_embeds: float[B, L, D] (TinyLLaVA: text embeddings with the image rows spliced in).
-          attention_mask: bool[B, L], True for real tokens (right padding). Ignored with a cache.
+          attention_mask: bool[B, L], True for real tokens, which come first (right padding: only the number of
+            True entries of a row is read). Ignored with a cache.
           positions: int[B, L] absolute positions; default 0..L-1 (OpenELM ignores position ids upstream).
           cache: from `init_cache`, for incremental decoding; keys at positions <= each query's are attended.
 
         Returns:
           (logits float32[B, L, vocab], cache or None).
         """
+        hidden, cache = self.hidden(input_ids, inputs_embeds, attention_mask, positions, cache)
+        return self.logits(hidden), cache
+
+    def hidden(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None):
+        """`__call__` without the head: (final-norm hidden states float[B, L, D], cache or None). A loss that
+        reads only some positions gathers them first and runs `logits` on those alone."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OpenELM takes exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
         batch, length = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        if cache is None:
-            causal = jnp.tril(jnp.ones((length, length), bool))[None]
-            keys = jnp.ones((batch, length), bool) if attention_mask is None else attention_mask.astype(bool)
-            mask = causal & keys[:, None, :]
-        else:
-            max_len = cache["layers_0"]["k"].shape[1]
-            mask = jnp.arange(max_len)[None, None, :] <= positions[:, :, None]
+        lengths = None
+        if cache is None and attention_mask is not None:
+            lengths = attention_mask.astype(jnp.int32).sum(axis=1, dtype=jnp.int32)
         new_cache = {} if cache is not None else None
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, positions, mask, None if cache is None else cache[f"layers_{i}"])
+            x, layer_cache = layer(x, positions, lengths, None if cache is None else cache[f"layers_{i}"])
             if cache is not None:
                 new_cache[f"layers_{i}"] = layer_cache
-        logits = self.token_embeddings.attend(self.norm(x))
-        return logits.astype(jnp.float32), new_cache
+        return self.norm(x), new_cache
 
 
 def init_cache(config: OpenELMConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> dict:

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qtl_jax.layers import dense, layer_norm
+from qtl_jax.layers import attention, check_remat, dense, layer_norm, remat
 
 SELECT_MODES = ("drop_first", "all")
 
@@ -51,8 +51,12 @@ class SiglipConfig:
     layer_norm_eps: float = 1e-6
     select_layer: int = -2
     select: str = "drop_first"
+    # What each layer keeps for the backward (`qtl_jax.layers.REMAT_POLICIES`): a memory/speed knob, not part of
+    # the model (equal towers compare equal whatever it is). A frozen tower has no backward at all.
+    remat: str = dataclasses.field(default="none", compare=False)
 
     def __post_init__(self):
+        check_remat(self.remat)
         if self.width % self.num_heads:
             raise ValueError(f"SigLIP width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.select not in SELECT_MODES:
@@ -93,9 +97,7 @@ class SiglipAttention(nn.Module):
         proj = lambda name: dense(cfg.width, ("embed", "heads"), name=name, dtype=self.dtype)
         split = lambda t: t.reshape(*t.shape[:-1], cfg.num_heads, head_dim)
         q, k, v = (split(proj(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(*x.shape[:-1], cfg.width)
+        out = attention(q, k, v).reshape(*x.shape[:-1], cfg.width)
         return dense(cfg.width, ("heads", "embed"), name="out_proj", dtype=self.dtype)(out)
 
 

@@ -177,9 +177,41 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
     Returns:
       (mean loss float32[], number of supervised tokens int32[]).
     """
-    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    return gathered_cross_entropy(logits[:, :-1], labels[:, 1:])
+
+
+def supervised_positions(image_pos: jax.Array, lengths: jax.Array, labels: jax.Array, num_image_rows: int):
+    """Where each text label is predicted in the spliced sequence, without building the spliced labels.
+
+    Text token j of a prompt (j != the placeholder) sits at spliced row `j` before the image and `j + N - 1`
+    after it; its label is predicted from the row before. Image rows and padding are never supervised, so at
+    most T positions per sample carry a loss, against the T + N - 1 rows the LM runs over (N = 728 image rows
+    at paper size: the head and log-softmax need not run on them).
+
+    Args:
+      image_pos, lengths: int32[B] as in `splice`.
+      labels: int32[B, T] with -100 where not supervised (`labels_from_wire`).
+      num_image_rows: N.
+
+    Returns:
+      (rows int32[B, T]: the spliced row whose logits predict label j (0 where unsupervised), targets int32[B, T]:
+      label j, or -100 where it is not supervised). Exactly the (row, label) pairs of `cross_entropy` on the
+      spliced sequence with `splice`'s labels.
+    """
+    t = labels.shape[1]
+    j = jnp.arange(t)[None, :]
+    pos = image_pos[:, None]
+    has = pos >= 0
+    out = jnp.where(has & (j > pos), j + num_image_rows - 1, j)
+    valid = (labels != IGNORE_INDEX) & (j < lengths[:, None]) & ~(has & (j == pos)) & (out >= 1)
+    return jnp.where(valid, out - 1, 0).astype(jnp.int32), jnp.where(valid, labels, IGNORE_INDEX)
+
+
+def gathered_cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean cross-entropy of logits float[B, K, V] against targets int[B, K] (-100 = none), no shift: the rows
+    were gathered where each target is predicted (`supervised_positions`). Returns (loss, count)."""
     valid = targets != IGNORE_INDEX
-    logp = jax.nn.log_softmax(logits, axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     count = valid.sum()
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
@@ -323,10 +355,16 @@ class TinyLlavaServer(nn.Module):
         return splice(text_rows.astype(image_rows.dtype), image_rows, image_pos, lengths, labels)
 
     def loss(self, q_image, text, image_pos, lengths, labels):
-        """Cross-entropy of the LM on the spliced rows. Returns (loss float32[], aux dict)."""
-        rows, mask, labels = self.embeds(q_image, text, image_pos, lengths, labels)
-        logits, _ = self.language_model(inputs_embeds=rows, attention_mask=mask)
-        loss, count = cross_entropy(logits, labels)
+        """Cross-entropy of the LM on the spliced rows. Returns (loss float32[], aux dict).
+
+        The head (logits over the vocabulary, log-softmax) runs only on the T rows that can predict a label
+        (`supervised_positions`), not on all T + N - 1: the same loss as `cross_entropy` on every row's logits
+        (to float rounding), for a fraction of the head's FLOPs and memory."""
+        rows, mask, _ = self.embeds(q_image, text, image_pos, lengths)
+        hidden, _ = self.language_model.hidden(inputs_embeds=rows, attention_mask=mask)
+        where, targets = supervised_positions(image_pos, lengths, labels_from_wire(labels), q_image.shape[1])
+        picked = jnp.take_along_axis(hidden, where[..., None], axis=1)
+        loss, count = gathered_cross_entropy(self.language_model.logits(picked), targets)
         return loss, {"ce_loss": loss, "supervised_tokens": count}
 
     def dequantize(self, uplink: Uplink):

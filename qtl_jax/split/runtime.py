@@ -220,6 +220,16 @@ def _is_abstract(tree) -> bool:
 MODEL_KEYS = ("images", "input_ids", "attention_mask", "labels")
 
 
+def _buffers(tree) -> set[int]:
+    return {shard.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)
+            for shard in leaf.addressable_shards}
+
+
+def _share_buffers(a, b) -> bool:
+    """Whether two pytrees of device arrays hold a buffer in common (then one must not be donated)."""
+    return not _buffers(a).isdisjoint(_buffers(b))
+
+
 @dataclasses.dataclass
 class ServerReply:
     """What comes back for one uplink.
@@ -388,8 +398,12 @@ class SplitTrainer:
 
         self._client_forward = jax.jit(client_forward)
         self._server_step = jax.jit(server_step, donate_argnums=(0, 2))
-        # No donation here: the vjp's residuals may alias the client parameters.
-        self._client_update = jax.jit(client_update)
+        # The client's state is donated too (its buffers are reused for the updated state), except that a vjp
+        # residual may be a parameter itself (a jit output forwarded from its input: whether that happens depends
+        # on the JAX version): then donating the parameters would free a buffer the same call reads, so
+        # `step` picks the variant that donates only the optimizer state.
+        self._client_update = jax.jit(client_update, donate_argnums=(0, 1))
+        self._client_update_keep_params = jax.jit(client_update, donate_argnums=(1,))
         self._single_step = jax.jit(single_step, donate_argnums=(0, 2, 3, 5))
 
     def _single_args(self, state=None) -> tuple:
@@ -443,8 +457,9 @@ class SplitTrainer:
                 uplink, commitment, vjp, stats = self._client_forward(client.trainable, client.frozen, data)
             reply = self.crossing.exchange(step, uplink, checkpoint)
             downlink_client = to_mesh(reply.downlink, self.meshes["client"])
+            update = self._client_update_keep_params if _share_buffers(vjp, client.trainable) else self._client_update
             with jax.set_mesh(self.meshes["client"]):
-                c_train, c_opt = self._client_update(client.trainable, client.opt_state, vjp, downlink_client)
+                c_train, c_opt = update(client.trainable, client.opt_state, vjp, downlink_client)
         self.state["client"] = HalfState(c_train, client.frozen, c_opt)
         return {"ce_loss": reply.ce_loss, "commitment_loss": commitment, "uplink_bytes": uplink.nbytes,
                 "downlink_bytes": downlink_nbytes(reply.downlink), "stats": stats, "uplink": uplink,

@@ -138,6 +138,8 @@ def _fields(prefix: str, value) -> dict:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         out = {}
         for field in dataclasses.fields(value):
+            if not field.compare:  # a speed/memory knob (e.g. remat), not part of the model: each side its own
+                continue
             out.update(_fields(f"{prefix}.{field.name}", getattr(value, field.name)))
         return out
     if isinstance(value, tuple | list):

@@ -63,6 +63,51 @@ def test_cross_entropy_hand_case():
     assert int(count) == 2
 
 
+def test_supervised_positions_hand_case():
+    # The splice hand case above: sample 0's labels 10 (j=0, spliced row 0: nothing before it), 11 (j=1, the
+    # placeholder), 12, 13 (j=2, 3 -> spliced rows 4, 5, predicted from rows 3, 4); j=4 is padding.
+    labels = jnp.array([[10, 11, 12, 13, 14], [10, 11, 12, -100, 14]])
+    rows, targets = T.supervised_positions(jnp.array([1, -1]), jnp.array([4, 3]), labels, 3)
+    np.testing.assert_array_equal(targets, [[-100, -100, 12, 13, -100], [-100, 11, 12, -100, -100]])
+    np.testing.assert_array_equal(rows[0, 2:4], [3, 4])
+    np.testing.assert_array_equal(rows[1, 1:3], [0, 1])
+
+
+@pytest.mark.parametrize("transport", ["quantized_embeddings", "token_ids"])
+def test_loss_on_supervised_rows_equals_full_vocabulary_loss(transport):
+    """The server's loss (head on the T gathered rows) equals cross-entropy over every spliced row's full
+    logits, and so do its gradients w.r.t. the LM and the received values."""
+    cfg = micro(transport=transport)
+    params = init(cfg)
+    images, ids, mask, labels = batch()
+    labels = labels.copy()
+    labels[0, 1] = 5  # a label on the token before the placeholder, and one on the last real token
+    labels[1, 8] = 2
+    client = T.client_apply(cfg, params["client"], images, ids, mask, labels)
+    up = client.uplink
+    text = client.q_text if cfg.quantized_text else jnp.asarray(ids)
+    server = T.TinyLlavaServer(cfg)
+
+    def full(p, q_image, text):
+        rows, valid, spliced = server.apply({"params": p}, q_image, text, up.image_pos, up.lengths, up.labels,
+                                            method=T.TinyLlavaServer.embeds)
+        logits, _ = server.apply({"params": p}, inputs_embeds=rows, attention_mask=valid,
+                                 method=lambda m, **kw: m.language_model(**kw))
+        return T.cross_entropy(logits, spliced)[0]
+
+    def gathered(p, q_image, text):
+        return server.apply({"params": p}, q_image, text, up.image_pos, up.lengths, up.labels,
+                            method=T.TinyLlavaServer.loss)[0]
+
+    argnums = (0, 1, 2) if cfg.quantized_text else (0, 1)
+    ref, g_ref = jax.value_and_grad(full, argnums)(params["server"], client.q_image, text)
+    got, g_got = jax.value_and_grad(gathered, argnums)(params["server"], client.q_image, text)
+    assert float(ref) > 1.0  # a real loss, not a degenerate zero
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_each_half_holds_only_its_parameters():
     params = init(micro())
     assert sorted(params["client"]) == ["connector", "image_compressor", "text_compressor", "token_embeddings",

@@ -63,6 +63,20 @@ def test_meshes_steps_equal_single_program(name, transport):
     assert meshes._client_forward._cache_size() == 1
     assert meshes._server_step._cache_size() == 1
     assert meshes._client_update._cache_size() == 1
+    assert meshes._client_update_keep_params._cache_size() == 0  # no residual aliased a parameter
+
+
+def test_both_halves_states_are_donated():
+    """Each step reuses the state's buffers: the arrays that went in are deleted (no second copy of the
+    parameters and optimizer state lives through a step), on the client as on the server."""
+    meshes = _trainer(MICRO_RD, "meshes")
+    meshes.step(_batch())
+    before = {h: jax.tree.leaves((meshes.state[h].trainable, meshes.state[h].opt_state)) for h in ("client", "server")}
+    frozen = jax.tree.leaves(meshes.state["client"].frozen)
+    meshes.step(_batch())
+    for half, leaves in before.items():
+        assert leaves and all(leaf.is_deleted() for leaf in leaves), half
+    assert not any(leaf.is_deleted() for leaf in frozen)
 
 
 def test_downlink_codecs_bytes_and_error():
