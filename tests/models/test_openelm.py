@@ -182,3 +182,31 @@ def test_eos_stops_a_row_and_sampling(torch_model):
     np.testing.assert_array_equal(cold, free)
     with pytest.raises(ValueError, match="needs an rng"):
         generate(model, params, input_ids=ids, temperature=0.5)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_keeps_parameters_loss_and_gradients(policy):
+    """Rematerialisation changes what the backward keeps, not the parameter tree, the loss or the gradients."""
+    plain = OpenELM(OPENELM_TINY)
+    remat = OpenELM(dataclasses.replace(OPENELM_TINY, remat=policy))
+    assert remat.config == plain.config  # a speed knob, not part of the model
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 256, (2, 12)))
+    mask = jnp.arange(12)[None] < jnp.array([[12], [7]])
+    params = nn.meta.unbox(plain.init(jax.random.key(0), ids)["params"])
+    assert jax.tree.structure(nn.meta.unbox(remat.init(jax.random.key(0), ids)["params"])) == jax.tree.structure(params)
+
+    def loss(model):
+        def fn(p):
+            logits, _ = model.apply({"params": p}, ids, attention_mask=mask)
+            return jnp.mean(jnp.where(mask[..., None], jax.nn.log_softmax(logits), 0.0))
+        return jax.jit(jax.value_and_grad(fn))(params)
+
+    (ref, g_ref), (got, g_got) = loss(plain), loss(remat)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_remat_policy_is_refused():
+    with pytest.raises(ValueError, match="remat must be one of"):
+        OpenELMConfig(remat="some")
