@@ -1,17 +1,19 @@
-"""Full-size model step times: JAX (jit) vs PyTorch eager, same weights, same machine, same script.
+"""Full-size model step times: JAX (jit) vs PyTorch eager and torch.compile, same weights, same machine, same script.
 
   * SigLIP so400m/14-384 forward, the 26 layers TinyLLaVA uses, batch 1: qtl_jax `SiglipVisionTower` vs
     transformers `SiglipVisionModel` (num_hidden_layers=26, no pooling head).
   * OpenELM-270M forward + backward (cross-entropy on random targets), batch 1, sequence 728 + 64 = 792:
-    qtl_jax `OpenELM` under `jax.value_and_grad` vs the openelm-pytorch model with `loss.backward()`.
+    qtl_jax `OpenELM` under `jax.value_and_grad` vs the openelm-pytorch model with `loss.backward()`; the
+    forward alone too, for the backward / forward ratio; and where JAX's time goes (`--profile`): attention,
+    FFN and head + loss timed apart, forward and forward + backward, over all 16 layers.
   * This machine's float32 matmul rate (2048^3, the better of JAX and PyTorch), measured here too, so that
     achieved FLOP/s can be read as a fraction of it.
 
 The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert), so both sides compute the
 same function; the script prints the largest output difference as a check. Median of --repeats runs after
-one warm-up (compilation excluded). fp32 throughout.
+one warm-up (compilation excluded; torch.compile's compile time is printed apart). fp32 throughout.
 
-    python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm]
+    python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm] [--skip-compile] [--profile]
 """
 
 from __future__ import annotations
@@ -59,7 +61,18 @@ def openelm_fwd_flops(cfg, t: int) -> float:
     return total
 
 
-def bench_siglip(repeats: int, peak: float) -> None:
+def compiled_time(module, run, repeats: int) -> tuple[float, float]:
+    """(seconds per run, seconds of the first run, which compiles) of `run(compiled_module)` under torch.compile."""
+    import time
+
+    compiled = torch.compile(module)
+    start = time.perf_counter()
+    run(compiled)
+    first = time.perf_counter() - start
+    return timed(lambda: run(compiled), repeats), first
+
+
+def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     cfg = SIGLIP_SO400M
@@ -76,9 +89,9 @@ def bench_siglip(repeats: int, peak: float) -> None:
     tower = SiglipVisionTower(cfg)
     forward = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
 
-    def run_torch():
+    def run_torch(model=hf):
         with torch.inference_mode():
-            return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+            return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
 
     diff = float(np.abs(np.asarray(forward(params, images)) - run_torch().numpy()).max())
     t_jax = timed(lambda: forward(params, images).block_until_ready(), repeats)
@@ -88,9 +101,13 @@ def bench_siglip(repeats: int, peak: float) -> None:
           f"jax/torch speed-up {t_torch / t_jax:.2f}x; {flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} "
           f"GFLOP/s = {flops / t_jax / peak:.0%} of matmul rate (torch {flops / t_torch / peak:.0%}); "
           f"max |diff| {diff:.2e}")
+    if compile_torch:
+        t_comp, first = compiled_time(hf, run_torch, repeats)
+        print(f"  torch.compile: {t_comp:.3f} s (first run {first:.0f} s), jax/torch.compile speed-up "
+              f"{t_comp / t_jax:.2f}x")
 
 
-def bench_openelm(repeats: int, peak: float, seq: int) -> None:
+def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, profile: bool) -> None:
     from openelm_pytorch import openelm as openelm_torch
     from openelm_pytorch.config import ModelConfig
 
@@ -115,23 +132,78 @@ def bench_openelm(repeats: int, peak: float, seq: int) -> None:
         return cross_entropy(logits, jnp.asarray(labels))[0]
 
     step = jax.jit(jax.value_and_grad(loss_fn))
+    forward = jax.jit(loss_fn)
     ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
 
-    def run_torch():
+    def torch_loss(model):
+        # use_kv_cache=True: openelm-pytorch 0.1.0's path without it gives other logits (max |diff| 5.5 at 128
+        # tokens); the cache path is the one the parity tests check against this port.
+        logits = model(ids_t, use_kv_cache=True)["logits"]
+        return torch.nn.functional.cross_entropy(logits[0, :-1], labels_t[0, 1:])
+
+    def run_torch(model=tm):
         tm.zero_grad(set_to_none=True)
-        logits = tm(ids_t, use_kv_cache=True)["logits"]
-        loss = torch.nn.functional.cross_entropy(logits[0, :-1], labels_t[0, 1:])
+        loss = torch_loss(model)
         loss.backward()
         return loss
+
+    def run_torch_forward():
+        with torch.no_grad():
+            return torch_loss(tm)
 
     diff = abs(float(step(params)[0]) - float(run_torch()))
     t_jax = timed(lambda: jax.block_until_ready(step(params)), repeats)
     t_torch = timed(run_torch, repeats)
+    f_jax = timed(lambda: jax.block_until_ready(forward(params)), repeats)
+    f_torch = timed(run_torch_forward, repeats)
     flops = 3 * openelm_fwd_flops(cfg, seq)
     print(f"OpenELM-270M forward+backward (batch 1, {seq} tokens): jax {t_jax:.3f} s, torch {t_torch:.3f} s, "
           f"jax/torch speed-up {t_torch / t_jax:.2f}x; {flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} "
           f"GFLOP/s = {flops / t_jax / peak:.0%} of matmul rate (torch {flops / t_torch / peak:.0%}); "
           f"|loss diff| {diff:.2e}")
+    print(f"  forward alone: jax {f_jax:.3f} s, torch {f_torch:.3f} s (jax/torch {f_torch / f_jax:.2f}x); "
+          f"backward / forward: jax {(t_jax - f_jax) / f_jax:.2f}, torch {(t_torch - f_torch) / f_torch:.2f} "
+          f"(2 is the FLOP ratio)")
+    if compile_torch:
+        t_comp, first = compiled_time(tm, run_torch, repeats)
+        print(f"  torch.compile forward+backward: {t_comp:.3f} s (first run {first:.0f} s), jax/torch.compile "
+              f"speed-up {t_comp / t_jax:.2f}x")
+    if profile:
+        openelm_profile(cfg, params, seq, repeats, t_jax, f_jax)
+
+
+def openelm_profile(cfg, params, seq: int, repeats: int, total: float, total_forward: float) -> None:
+    """Where JAX's OpenELM forward + backward time goes: each kind of sublayer over all layers, timed apart
+    (forward, and forward + backward w.r.t. its parameters and input), and the head with its loss."""
+    from qtl_jax.models.openelm import OpenELMAttention, OpenELMFFN
+
+    x = jax.random.normal(jax.random.key(0), (1, seq, cfg.model_dim)) * 0.1
+    positions = jnp.arange(seq)[None]
+    parts = {
+        "attention (qkv, rope, softmax, out)": lambda p, x: sum(
+            jnp.sum(OpenELMAttention(cfg, i).apply({"params": p[f"layers_{i}"]["attn"]}, x, positions, None)[0])
+            for i in range(cfg.num_transformer_layers)),
+        "ffn (SwiGLU)": lambda p, x: sum(
+            jnp.sum(OpenELMFFN(cfg, i).apply({"params": p[f"layers_{i}"]["ffn"]}, x))
+            for i in range(cfg.num_transformer_layers)),
+        "head + loss (32k vocab, every row)": lambda p, x: cross_entropy(
+            OpenELM(cfg).apply({"params": p}, x, method=OpenELM.logits),
+            jnp.zeros((1, seq), jnp.int32))[0],
+    }
+    print(f"  where jax's time goes ({cfg.num_transformer_layers} layers, {seq} tokens; forward / forward+backward "
+          f"seconds, share of the whole model's):")
+    summed = [0.0, 0.0]
+    for name, fn in parts.items():
+        fwd = jax.jit(fn)
+        both = jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))
+        f = timed(lambda fwd=fwd: jax.block_until_ready(fwd(params, x)), repeats)
+        b = timed(lambda both=both: jax.block_until_ready(both(params, x)), repeats)
+        summed[0] += f
+        summed[1] += b
+        print(f"    {name:<36} {f:7.3f} / {b:7.3f} s  ({f / total_forward:4.0%} / {b / total:4.0%}), "
+              f"backward/forward {(b - f) / f:.2f}")
+    rest = (total_forward - summed[0], total - summed[1])
+    print(f"    {'the rest (norms, embedding, glue)':<36} {rest[0]:7.3f} / {rest[1]:7.3f} s")
 
 
 def main() -> None:
@@ -140,15 +212,17 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=728 + 64)
     parser.add_argument("--skip-siglip", action="store_true")
     parser.add_argument("--skip-openelm", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true", help="no torch.compile peers")
+    parser.add_argument("--profile", action="store_true", help="OpenELM: time attention, FFN and head apart")
     args = parser.parse_args()
     print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32")
     peak = matmul_rate()
     print(f"fp32 matmul rate (2048^3, best of jax/torch): {peak / 1e9:.0f} GFLOP/s")
     if not args.skip_siglip:
-        bench_siglip(args.repeats, peak)
+        bench_siglip(args.repeats, peak, not args.skip_compile)
     if not args.skip_openelm:
-        bench_openelm(args.repeats, peak, args.seq)
+        bench_openelm(args.repeats, peak, args.seq, not args.skip_compile, args.profile)
 
 
 if __name__ == "__main__":
