@@ -3,12 +3,13 @@
 For float32[8, 832, 1280] features (one batch of image and text rows, 34 MB) it times
   client path = quantize + pack           (RD-FSQ 2-bit, NF 2-bit; ANS entropy coding of RD-FSQ indices)
   server path = unpack + dequantize       (and ANS decoding)
-in JAX (jit) and in PyTorch eager written here from the same formulas, plus a copy of the float32 input
+in JAX (jit) and in PyTorch written here from the same formulas, eager and under `torch.compile` (the strongest
+thing a PyTorch user would pick; its first, compiling call is excluded like JAX's), plus a copy of the float32 input
 (NumPy and torch, the machine's memory bandwidth). Throughput is input float32 bytes per second for the
 client path and output float32 bytes per second for the server path, so every row is comparable to the
 copy. Each timing is the median of several runs after a warm-up (JIT compilation excluded).
 
-    python benchmarks/compressors.py [--repeats 7] [--shape 8,832,1280]
+    python benchmarks/compressors.py [--repeats 7] [--shape 8,832,1280] [--skip-compile]
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--shape", default="8,832,1280")
+    parser.add_argument("--skip-compile", action="store_true", help="no torch.compile peers")
     args = parser.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
 
@@ -125,14 +127,24 @@ def main() -> None:
         "ans encode (rd_fsq2 idx)": timed(lambda: C.entropy_encode(rd_idx, 2), max(1, r // 2)),
         "ans decode": timed(lambda: C.entropy_decode(ans_payload), max(1, r // 2)),
     }
+    if not args.skip_compile:
+        peers = {"rd_fsq2 client": (torch_rd_fsq_client, (x_t,)),
+                 "rd_fsq2 server": (torch_rd_fsq_server, (t_rd, shape)),
+                 "nf2 client": (torch_nf_client, (x_t, table_t)),
+                 "nf2 server": (torch_nf_server, (*t_nf, table_t, shape))}
+        for name, (fn, fn_args) in peers.items():
+            compiled = torch.compile(fn)
+            times[f"{name} torch.compile"] = timed(lambda c=compiled, a=fn_args: c(*a), r)
     copy_rate = nbytes / min(times["copy numpy"], times["copy torch"])
 
-    print(f"\n{'path':<26} {'ms':>9} {'GB/s':>7} {'vs torch':>9} {'of copy':>8}")
+    print(f"\n{'path':<30} {'ms':>9} {'GB/s':>7} {'vs torch':>9} {'vs compile':>11} {'of copy':>8}")
     for name, seconds in times.items():
         rate = nbytes / seconds
-        peer = name.replace(" jax", " torch") if name.endswith(" jax") else None
-        vs_torch = f"{times[peer] / seconds:8.2f}x" if peer else f"{'':>9}"
-        print(f"{name:<26} {seconds * 1e3:9.2f} {rate / 1e9:7.2f} {vs_torch} {rate / copy_rate:7.0%}")
+        ratios = []
+        for suffix, width in ((" torch", 9), (" torch.compile", 11)):
+            peer = name.replace(" jax", suffix) if name.endswith(" jax") else None
+            ratios.append(f"{times[peer] / seconds:{width - 1}.2f}x" if peer in times else " " * width)
+        print(f"{name:<30} {seconds * 1e3:9.2f} {rate / 1e9:7.2f} {ratios[0]} {ratios[1]} {rate / copy_rate:7.0%}")
     print(f"\nwire: rd_fsq2 {rd_payload.nbytes / 1e6:.2f} MB, nf2 {nf_payload.nbytes / 1e6:.2f} MB, "
           f"ans(rd_fsq2) {ans_payload.nbytes / 1e6:.2f} MB ({ans_payload.bits_per_element:.3f} bits/element), "
           f"fp16 {nbytes / 2e6:.2f} MB")
