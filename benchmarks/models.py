@@ -19,6 +19,7 @@ one warm-up (compilation excluded; torch.compile's compile time is printed apart
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 
@@ -30,7 +31,7 @@ from timing import timed
 
 from qtl_jax.models import convert
 from qtl_jax.models.openelm import OPENELM_270M, OpenELM
-from qtl_jax.models.siglip import SIGLIP_SO400M, SiglipVisionTower
+from qtl_jax.models.siglip import SIGLIP_SO400M, SiglipVisionTower, stack_layers
 from qtl_jax.models.tinyllava import cross_entropy
 
 
@@ -59,6 +60,15 @@ def openelm_fwd_flops(cfg, t: int) -> float:
         total += 2 * t * q_dim * cfg.model_dim  # out
         total += 2 * t * cfg.model_dim * 3 * ffn  # proj_1 (2I) + proj_2 (I)
     return total
+
+
+def compile_seconds(jitted, *args) -> float:
+    """Seconds to lower and compile a jitted function for these arguments (nothing runs)."""
+    import time
+
+    start = time.perf_counter()
+    jitted.lower(*args).compile()
+    return time.perf_counter() - start
 
 
 def compiled_time(module, run, repeats: int) -> tuple[float, float]:
@@ -105,6 +115,15 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
         t_comp, first = compiled_time(hf, run_torch, repeats)
         print(f"  torch.compile: {t_comp:.3f} s (first run {first:.0f} s), jax/torch.compile speed-up "
               f"{t_comp / t_jax:.2f}x")
+    # The layers unrolled (default) vs one nn.scan over stacked parameters: compile time and run time.
+    scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+    stacked = stack_layers(params, cfg)
+    scanned = jax.jit(lambda p, x: SiglipVisionTower(scanned_cfg).apply({"params": p}, x)[0])
+    compile_s = {name: compile_seconds(fn, p, images) for name, fn, p in
+                 (("unrolled", forward, params), ("scan", scanned, stacked))}
+    t_scan = timed(lambda: scanned(stacked, images).block_until_ready(), repeats)
+    print(f"  layers unrolled vs nn.scan: compile {compile_s['unrolled']:.1f} s vs {compile_s['scan']:.1f} s, "
+          f"forward {t_jax:.3f} s vs {t_scan:.3f} s")
 
 
 def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, profile: bool) -> None:
@@ -151,7 +170,9 @@ def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, prof
         with torch.no_grad():
             return torch_loss(tm)
 
-    diff = abs(float(step(params)[0]) - float(run_torch()))
+    diff = abs(float(step(params)[0]) - float(run_torch().detach()))
+    print(f"  jax compile: forward+backward {compile_seconds(step, params):.1f} s (16 layers unrolled: layer-wise "
+          f"scaling gives every layer its own shapes, so nn.scan does not apply)")
     t_jax = timed(lambda: jax.block_until_ready(step(params)), repeats)
     t_torch = timed(run_torch, repeats)
     f_jax = timed(lambda: jax.block_until_ready(forward(params)), repeats)

@@ -75,6 +75,10 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # What each SigLIP / OpenELM layer keeps for the backward pass: none | full | dots | dots_no_batch
     # (`qtl_jax.layers.REMAT_POLICIES`). Changes memory and speed, not the result.
     c.model.remat = "none"
+    # SigLIP's layers as one nn.scan over stacked parameters (compile time independent of depth) instead of an
+    # unrolled loop; the parameter layout differs, so a run resumes only with the value it started with.
+    # OpenELM's layers always unroll: layer-wise scaling gives each its own shapes.
+    c.model.scan_layers = False
 
     c.compressor = ml_collections.ConfigDict()
     c.compressor.image = "rd_fsq"  # rd_fsq | fsq_tanh | nf | none_fp32 | none_bf16 | none_fp16

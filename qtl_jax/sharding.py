@@ -34,6 +34,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("patch", None),
     ("channels", None),
     ("position", None),
+    ("layers", None),  # the stacked layer axis of a scanned SigLIP (`SiglipConfig.scan_layers`)
 )
 
 

@@ -164,7 +164,8 @@ def model_config(config, vocab_size: int) -> T.TinyLlavaConfig:
         raise ValueError(f"config.data.tokenizer has {vocab_size} tokens, more than the model's vocabulary "
                          f"{lm.vocab_size}")
     remat = config.model.get("remat", "none")
-    vision = dataclasses.replace(SIGLIP_TINY if tiny else SIGLIP_SO400M, remat=remat)
+    vision = dataclasses.replace(SIGLIP_TINY if tiny else SIGLIP_SO400M, remat=remat,
+                                 scan_layers=config.model.get("scan_layers", False))
     return T.TinyLlavaConfig(
         vision=vision, lm=dataclasses.replace(lm, remat=remat),
         image_codec=_codec(config, config.compressor.image), text_codec=_codec(config, config.compressor.text),

@@ -18,6 +18,7 @@ the model raises one `ValueError` listing every missing, unexpected and mis-shap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Iterable
@@ -266,9 +267,11 @@ def load_siglip(path: str, config: SiglipConfig | None = None) -> tuple[SiglipCo
 
 
 def _import_siglip(weights: dict, config: SiglipConfig, source: str) -> dict:
-    from qtl_jax.models.siglip import SiglipVisionTower
+    """HF tensors -> the tower's parameters, in the layout `config` builds (unrolled or `scan_layers`)."""
+    from qtl_jax.models.siglip import SiglipVisionTower, stack_layers
 
-    shapes = _expected_shapes(SiglipVisionTower(config), np.zeros((1, config.image_size, config.image_size, 3)))
+    unrolled = dataclasses.replace(config, scan_layers=False)
+    shapes = _expected_shapes(SiglipVisionTower(unrolled), np.zeros((1, config.image_size, config.image_size, 3)))
     built = config.layers_used
 
     def ignore(key: str) -> bool:
@@ -277,7 +280,8 @@ def _import_siglip(weights: dict, config: SiglipConfig, source: str) -> dict:
         parts = key.split(".")
         return key.startswith("encoder.layers.") and parts[2].isdigit() and int(parts[2]) >= built
 
-    return import_params(weights, siglip_entries(config), shapes, source, ignore)
+    params = import_params(weights, siglip_entries(config), shapes, source, ignore)
+    return jax.tree.map(np.asarray, stack_layers(params, config)) if config.scan_layers else params
 
 
 def export_siglip(params: dict, config: SiglipConfig, path: str) -> None:
@@ -286,6 +290,10 @@ def export_siglip(params: dict, config: SiglipConfig, path: str) -> None:
     The exported model's last hidden state before post-LN equals this tower's selected layer; config.json
     carries `qtl_jax.select` so that `load_siglip` rebuilds the same tower.
     """
+    from qtl_jax.models.siglip import unstack_layers
+
+    if config.scan_layers:
+        params = unstack_layers(nn.meta.unbox(params), config)
     tensors = export_tensors(params, siglip_entries(config), "vision_model.")
     tensors["vision_model.post_layernorm.weight"] = np.ones(config.width, np.float32)
     tensors["vision_model.post_layernorm.bias"] = np.zeros(config.width, np.float32)

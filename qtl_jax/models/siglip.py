@@ -54,6 +54,11 @@ class SiglipConfig:
     # What each layer keeps for the backward (`qtl_jax.layers.REMAT_POLICIES`): a memory/speed knob, not part of
     # the model (equal towers compare equal whatever it is). A frozen tower has no backward at all.
     remat: str = dataclasses.field(default="none", compare=False)
+    # The encoder layers as one `nn.scan` over stacked parameters (`encoder/layers/...` with a leading layer
+    # axis) instead of an unrolled loop (`encoder/layers_{i}/...`): compile time independent of depth. The same
+    # function; the parameter layout differs (`stack_layers` / `unstack_layers` convert, checkpoint conversion
+    # handles both), so the trainer's resume check keeps a run on the layout it started with.
+    scan_layers: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self):
         check_remat(self.remat)
@@ -140,18 +145,54 @@ class SiglipEmbeddings(nn.Module):
         return x + position.embedding[None].astype(x.dtype)
 
 
+class _ScannedLayer(SiglipEncoderLayer):
+    """An encoder layer in `nn.scan`'s shape: (carry, unused) -> (carry, the layer output or None)."""
+
+    keep: bool = False
+
+    def __call__(self, x: jax.Array, _=None):
+        y = super().__call__(x)
+        return y, (y if self.keep else None)
+
+
 class SiglipEncoder(nn.Module):
-    """The first `config.layers_used` encoder layers; returns (input, output of each layer)."""
+    """The first `config.layers_used` encoder layers; returns (input, output of each layer) — with
+    `config.scan_layers` and `keep_hidden=False` only (input, last output): nothing else is materialised."""
 
     config: SiglipConfig
     dtype: Any = jnp.float32
+    keep_hidden: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        cfg = self.config
+        if cfg.scan_layers:
+            scan = nn.scan(remat(_ScannedLayer, cfg.remat), variable_axes={"params": 0}, split_rngs={"params": True},
+                           length=cfg.layers_used, metadata_params={nn.PARTITION_NAME: "layers"})
+            last, each = scan(cfg, self.dtype, keep=self.keep_hidden, name="layers")(x, None)
+            return (x, *each) if self.keep_hidden else (x, last)
         hidden = [x]
-        for i in range(self.config.layers_used):
-            hidden.append(SiglipEncoderLayer(self.config, self.dtype, name=f"layers_{i}")(hidden[-1]))
+        layer_cls = remat(SiglipEncoderLayer, cfg.remat)
+        for i in range(cfg.layers_used):
+            hidden.append(layer_cls(cfg, self.dtype, name=f"layers_{i}")(hidden[-1]))
         return tuple(hidden)
+
+
+def stack_layers(params: dict, config: SiglipConfig) -> dict:
+    """Tower parameters with `encoder/layers_{i}` (unrolled) -> `encoder/layers` stacked on a leading axis."""
+    encoder = dict(params["encoder"])
+    layers = [encoder.pop(f"layers_{i}") for i in range(config.layers_used)]
+    encoder["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return {**params, "encoder": encoder}
+
+
+def unstack_layers(params: dict, config: SiglipConfig) -> dict:
+    """The inverse of `stack_layers`."""
+    encoder = dict(params["encoder"])
+    stacked = encoder.pop("layers")
+    for i in range(config.layers_used):
+        encoder[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return {**params, "encoder": encoder}
 
 
 class SiglipVisionTower(nn.Module):
@@ -168,7 +209,9 @@ class SiglipVisionTower(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, return_hidden_states: bool = False):
         """Args:
-          images: float[B, H, W, 3], NHWC, normalised to [-1, 1] ((x / 255 - 0.5) / 0.5), H = W = image_size.
+          images: NHWC, H = W = image_size: either uint8[B, H, W, 3] pixels as resized on the host
+            (`qtl_jax.data.preprocess.resize_image`; the training pipeline's batches), normalised here, or
+            float[B, H, W, 3] already normalised to [-1, 1] ((x / 255 - 0.5) / 0.5; `preprocess_image`).
           return_hidden_states: also return every hidden state that was computed.
 
         Returns:
@@ -180,8 +223,15 @@ class SiglipVisionTower(nn.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(f"SigLIP expects images of shape [B, {', '.join(map(str, expected))}] (NHWC), "
                              f"got {tuple(images.shape)}")
+        if images.dtype == jnp.uint8:
+            # SigLIP's rescale and normalisation on the device, in float32 (then the compute dtype): the batch
+            # crosses host -> device as uint8, a quarter of the float32 bytes. Equal to the host's float path to
+            # float32 rounding (<= 1.5e-7: XLA turns the divisions into multiplications).
+            images = (images.astype(jnp.float32) / 255 - 0.5) / 0.5
+        elif not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"SigLIP expects uint8 pixels or float images in [-1, 1], got {images.dtype}")
         x = SiglipEmbeddings(cfg, self.dtype, name="embeddings")(images.astype(self.dtype))
-        hidden = SiglipEncoder(cfg, self.dtype, name="encoder")(x)
+        hidden = SiglipEncoder(cfg, self.dtype, keep_hidden=return_hidden_states, name="encoder")(x)
         x = hidden[-1]
         features = x[:, 1:] if cfg.select == "drop_first" else x
         return features, ({"hidden_states": tuple(hidden)} if return_hidden_states else {})

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from qtl_jax.models import convert
-from qtl_jax.models.siglip import SIGLIP_SO400M, SIGLIP_TINY, SiglipConfig, SiglipVisionTower
+from qtl_jax.models.siglip import SIGLIP_SO400M, SIGLIP_TINY, SiglipConfig, SiglipVisionTower, unstack_layers
 
 # A small tower with 64 patches and TinyLLaVA's selection (drop token 0), like the paper size: more patches
 # than the 9 of SIGLIP_TINY, so that patch order and the dropped token are checked.
@@ -144,3 +144,60 @@ def test_wrong_image_size_is_refused():
     tower = SiglipVisionTower(TOWER)
     with pytest.raises(ValueError, match=r"expects images of shape \[B, 64, 64, 3\]"):
         tower.init(jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
+
+
+def test_uint8_pixels_are_normalised_in_the_tower():
+    # The training pipeline sends the resized uint8 pixels; the tower rescales and normalises them itself.
+    from qtl_jax.data.preprocess import preprocess_image
+
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 48, 48, 3), dtype=np.uint8)
+    floats = np.stack([preprocess_image(p, 48) for p in pixels])  # the old host path, still accepted
+    # A tower that returns its input: 1 px patches, identity kernel, no position embedding, no layers.
+    identity = SiglipVisionTower(SiglipConfig(width=3, depth=1, num_heads=1, mlp_dim=4, patch_size=1,
+                                              image_size=48, select_layer=0, select="all"))
+    params = nn.meta.unbox(identity.init(jax.random.key(0), pixels))
+    params["params"]["embeddings"]["patch_embedding"]["kernel"] = jnp.eye(3).reshape(1, 1, 3, 3)
+    params["params"]["embeddings"]["position_embedding"]["embedding"] = jnp.zeros((48 * 48, 3))
+    seen = lambda images: np.asarray(jax.jit(identity.apply)(params, images)[0]).reshape(floats.shape)
+    np.testing.assert_array_equal(seen(floats), floats)  # float images pass untouched
+    # (x / 255 - 0.5) / 0.5 to within one float32 ulp: XLA fuses the rescale into an FMA, the host rounds twice.
+    np.testing.assert_allclose(seen(pixels), floats, rtol=0, atol=2**-23)
+    tower = SiglipVisionTower(SIGLIP_TINY)
+    params = tower.init(jax.random.key(0), pixels)
+    features = jax.jit(lambda images: tower.apply(params, images)[0])
+    np.testing.assert_allclose(features(pixels), features(floats), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="uint8 pixels or float images"):
+        tower.apply(params, pixels.astype(np.int32))
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_the_unrolled_tower_and_convert_both_ways(hf_tower, tmp_path, remat):
+    """`scan_layers` stacks the layers' parameters and runs one `nn.scan`: the same features, hidden states and
+    gradients as the unrolled tower on the same checkpoint; loading and exporting go through the HF layout."""
+    _, path = hf_tower
+    scanned_cfg = dataclasses.replace(TOWER, scan_layers=True, remat=remat)
+    _, params = convert.load_siglip(path, TOWER)
+    _, stacked = convert.load_siglip(path, scanned_cfg)
+    assert stacked["encoder"]["layers"]["fc1"]["kernel"].shape == (3, TOWER.width, TOWER.mlp_dim)
+    assert not any(k.startswith("layers_") for k in stacked["encoder"])
+    init = nn.meta.unbox(SiglipVisionTower(scanned_cfg).init(jax.random.key(0), _images()))["params"]
+    assert jax.tree.structure(init) == jax.tree.structure(stacked)
+    images = _images(1)
+    ref, ref_aux = SiglipVisionTower(TOWER).apply({"params": params}, images, return_hidden_states=True)
+    got, got_aux = SiglipVisionTower(scanned_cfg).apply({"params": stacked}, images, return_hidden_states=True)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    for a, b in zip(got_aux["hidden_states"], ref_aux["hidden_states"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    def loss(cfg, p):
+        return jnp.sum(jnp.square(SiglipVisionTower(cfg).apply({"params": p}, images)[0]))
+
+    g_ref = jax.grad(lambda p: loss(TOWER, p))(params)
+    g_got = unstack_layers(jax.grad(lambda p: loss(scanned_cfg, p))(stacked), scanned_cfg)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_ref))  # float32 rounding of large sums
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale)
+    convert.export_siglip(stacked, scanned_cfg, str(tmp_path / "out"))
+    _, back = convert.load_siglip(str(tmp_path / "out"), TOWER)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
