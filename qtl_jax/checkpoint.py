@@ -8,7 +8,14 @@ In a networked run (`split.mode=remote`) each process keeps its own folder with 
 with {client, meta} (the iterator position lives there), the server's with {server, meta}; both save the same
 steps (the client asks the server to save with the step it sends), step 0 included.
 
-Saves are atomic (orbax writes a temporary folder and renames it). `restore_state` puts a checkpoint back
+Saves are asynchronous and atomic. `save_state` returns once the arrays are copied to host memory (orbax's
+`save` blocks on that copy), so the caller may donate them to its next step at once; a background thread writes
+`STEP.orbax-checkpoint-tmp` and renames it to `STEP` only when every item is written. A run killed meanwhile
+leaves no `STEP` folder: a restart resumes from the newest finished one (and `manager` removes the leftover
+temporary folder). What waits for a pending save: the next `save_state` (orbax waits for the previous save
+first), `restore_state`, `restore_meta`, `finished_steps` and `ckpt.close()` (the trainer closes its manager on
+the way out, an error included). Note that orbax's own `latest_step()` / `all_steps()` list a step from the moment
+its save starts: use `finished_steps` where only steps on disk count. `restore_state` puts a checkpoint back
 onto the trainer's meshes; `final_params` reads a run's newest parameters onto the host from any process,
 whatever devices it was saved from. A rerun in the same stage folder resumes; `check_resume_config` first
 refuses a config that differs from the saved one in anything that changes the result, naming every field.
@@ -48,11 +55,22 @@ def latest_step(stage_dir: str) -> int | None:
 
 
 def manager(stage_dir: str, create: bool = True) -> ocp.CheckpointManager:
+    """The checkpoint manager a run saves with: asynchronous saves, the newest two steps kept (the older one is
+    deleted only once the newer one is finished), temporary folders of a killed save removed on creation (so
+    only the one process that saves into `stage_dir` may make one)."""
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(stage_dir, "checkpoints")),
         item_handlers={"client": ocp.StandardCheckpointHandler(), "server": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
-        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create))
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create, enable_async_checkpointing=True,
+                                             cleanup_tmp_directories=True))
+
+
+def finished_steps(ckpt: ocp.CheckpointManager) -> list[int]:
+    """The steps whose checkpoints are on disk in full, ascending: waits for a pending save first (orbax lists a
+    step from the moment its save starts, and raises here if that save failed)."""
+    ckpt.wait_until_finished()
+    return sorted(ckpt.all_steps())
 
 
 def _state_tree(trainer: SplitTrainer, half: str) -> dict:
@@ -62,19 +80,25 @@ def _state_tree(trainer: SplitTrainer, half: str) -> dict:
 
 def save_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int, iterator_state: bytes | None,
                totals: dict, data: dict | None) -> None:
-    """The halves the trainer holds (params and optimizer state), the data iterator position (the client's;
-    None on a server), the step, the running totals and what the iterator runs over (`data`: the converted
-    dataset's name and record count)."""
-    meta = {"step": step, "totals": totals, "data": data}
+    """Starts saving the halves the trainer holds (params and optimizer state), the data iterator position (the
+    client's; None on a server), the step, the running totals and what the iterator runs over (`data`: the
+    converted dataset's name and record count).
+
+    Asynchronous: waits for the previous save, copies the arrays to host memory and returns; the files are
+    written in the background. The trainer's step functions donate their state buffers, which is safe because
+    orbax's `save` has finished the device -> host copy by then (`tests/test_checkpoint.py` checks it against a
+    donating step). The JSON part is written in the background too, so it is snapshotted here: `totals` may
+    change under the writer."""
+    meta = json.loads(json.dumps({"step": step, "totals": totals, "data": data}))
     if iterator_state is not None:
         meta["iterator"] = base64.b64encode(iterator_state).decode()
     halves = {h: ocp.args.StandardSave(_state_tree(trainer, h)) for h in trainer.halves}
     ckpt.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **halves))
-    ckpt.wait_until_finished()
 
 
 def restore_meta(ckpt: ocp.CheckpointManager, step: int) -> dict:
-    """The JSON part of a checkpoint (step, totals, data, iterator)."""
+    """The JSON part of a checkpoint (step, totals, data, iterator); waits for a pending save first."""
+    ckpt.wait_until_finished()
     return ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
 
@@ -82,7 +106,9 @@ def restore_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int,
                   data: dict | None) -> tuple[bytes | None, dict]:
     """Puts the halves the trainer holds back on their meshes; returns (iterator state bytes or None, totals).
     Raises ValueError when the checkpoint's iterator ran over other data than `data` (an edited annotation file,
-    converted anew): its position would point into different records."""
+    converted anew): its position would point into different records. Waits for a pending save first (it may be
+    the step asked for)."""
+    ckpt.wait_until_finished()
     halves = {h: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(trainer, h)))
               for h in trainer.halves}
     r = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **halves))

@@ -176,7 +176,7 @@ def _example_batch(model_cfg, text_len: int = 8):
     size = model_cfg.vision.image_size
     ids = np.ones((1, text_len), np.int32)
     ids[0, 1] = T.IMAGE_TOKEN_INDEX
-    return (np.zeros((1, size, size, 3), np.float32), ids, np.ones((1, text_len), bool),
+    return (np.zeros((1, size, size, 3), np.uint8), ids, np.ones((1, text_len), bool),  # the pipeline's dtype
             np.full((1, text_len), -100, np.int32))
 
 
@@ -372,12 +372,14 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
         writer.truncate(at)
         return at
 
-    step = restore(ckpt.latest_step()) if ckpt.latest_step() else 0
+    # Saves are asynchronous (`checkpoint.save_state`): steps are read as finished on disk, restores wait too.
+    saved_steps = checkpoint.finished_steps(ckpt)
+    step = restore(saved_steps[-1]) if saved_steps and saved_steps[-1] else 0
     writer.truncate(step)
     # Continue from the newest step both sides hold (a finished stage 1 needs no session: the server has it too).
     if remote and (step < micro_steps or config.stage == "finetune"):
-        crossing.checkpoints = ckpt.all_steps
-        resume = crossing.open(step, ckpt.all_steps())
+        crossing.checkpoints = lambda: checkpoint.finished_steps(ckpt)
+        resume = crossing.open(step, saved_steps)
         if resume != step:
             log(f"[{config.stage}] the server holds step {resume}: resuming both from there")
             step = restore(resume)
@@ -389,6 +391,10 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
         batch = next(iterator)
         save = (step + 1) % config.checkpoint_every == 0 or step + 1 == micro_steps or _interrupted(
             config, step + 1, micro_steps)
+        if save and remote:
+            # The server saves this step before it replies and then drops its older checkpoints but one: our
+            # previous checkpoint must be on disk by then, or a crash of both sides could leave no common step.
+            ckpt.wait_until_finished()
         try:
             metrics = trainer.step(batch, step + 1, save)
         except Resync as e:  # the server restarted from an older checkpoint
@@ -421,7 +427,7 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
                             up_mb=f"{metrics['uplink_bytes'] / 1e6:.2f}",
                             down_mb=f"{metrics['downlink_bytes'] / 1e6:.2f}")
         bar.update(1)
-        if save:
+        if save:  # asynchronous: the write overlaps the next steps; `ckpt.close()` waits for it on the way out
             checkpoint.save_state(ckpt, trainer, step, iterator.get_state(), totals, data)
         if _interrupted(config, step, micro_steps):
             bar.close()

@@ -1,6 +1,6 @@
 """The input pipeline: tfds array_record data source -> grain -> fixed-shape batches (SPEC §5).
 
-Per record: decode the image (PIL) and preprocess it as SigLIP's processor does, tokenize the conversation
+Per record: decode the image (PIL) and resize it as SigLIP's processor does, tokenize the conversation
 with the template (IMAGE_TOKEN_INDEX marks the image), then batch. Batches are padded to the smallest of a
 few fixed text lengths (`buckets`) that fits their longest sample, so a run compiles once per bucket. The
 image is not expanded here: the model splices its N feature rows in place of the one placeholder
@@ -13,7 +13,9 @@ a restored iterator yields exactly the batches the uninterrupted one would. With
 worker batches its own slice of the shuffled records, so batches differ from `worker_count=0` but are the
 same on every run with the same worker count.
 
-Batch: images float32[B, S, S, 3] in [-1, 1] (zeros for text-only samples), input_ids int32[B, T],
+Batch: images uint8[B, S, S, 3], the resized pixels (`preprocess.resize_image`; the vision tower rescales and
+normalises them on the device, so a batch crosses to the device in a quarter of the float32 bytes; zeros for
+text-only samples, whose image rows the model never reads), input_ids int32[B, T],
 attention_mask bool[B, T], labels int32[B, T] (-100 = not supervised), id str[B] (sample ids),
 question_type str[B] (for per-type evaluation; "" for LLaVA data without one) and skipped str[B] (why a row
 is empty: a skipped sample, with on_bad_sample="skip"; "" for real rows). Skipped samples keep their place as
@@ -29,7 +31,7 @@ import json
 import grain.python as gp
 import numpy as np
 
-from qtl_jax.data.preprocess import load_image, preprocess_image
+from qtl_jax.data.preprocess import load_image, resize_image
 from qtl_jax.data.templates import IGNORE_INDEX, TEMPLATES, BadSample, encode
 
 ON_BAD_SAMPLE = ("fail", "skip")
@@ -99,16 +101,16 @@ class _Encode(gp.MapTransform):
             if len(encoded.input_ids) > cfg.buckets[-1]:
                 raise BadSample(f"sample {sample_id}: {len(encoded.input_ids)} text tokens exceed the largest "
                                 f"bucket {cfg.buckets[-1]}")
-            image = np.zeros((cfg.image_size, cfg.image_size, 3), np.float32)
+            image = np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8)
             if len(record["image"]):
-                image = preprocess_image(load_image(bytes(record["image"]), sample_id), cfg.image_size)
+                image = resize_image(load_image(bytes(record["image"]), sample_id), cfg.image_size)
         except BadSample as e:
             if cfg.on_bad_sample == "fail":
                 raise
             # Skipped, but it keeps its place: collate turns it into an empty (fully padded) row, so the batch
             # shape and the number of steps stay as planned, and the reason travels with the batch.
             empty = np.zeros((0,), np.int32)
-            return {"image": np.zeros((cfg.image_size, cfg.image_size, 3), np.float32), "input_ids": empty,
+            return {"image": np.zeros((cfg.image_size, cfg.image_size, 3), np.uint8), "input_ids": empty,
                     "labels": empty, "bad": str(e), "id": sample_id, "question_type": ""}
         return {"image": image, "input_ids": encoded.input_ids, "labels": encoded.labels, "bad": "",
                 "id": sample_id, "question_type": _text(record.get("question_type", b""))}

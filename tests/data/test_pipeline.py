@@ -29,8 +29,7 @@ def test_batches(small_shapes):
     assert len(batches) == 80 // 4
     tok = load_tokenizer(small_shapes[1])
     for b in batches:
-        assert b["images"].shape == (4, 32, 32, 3) and b["images"].dtype == np.float32
-        assert -1 <= b["images"].min() and b["images"].max() <= 1
+        assert b["images"].shape == (4, 32, 32, 3) and b["images"].dtype == np.uint8  # normalised on device
         assert b["input_ids"].shape[1] in CFG.buckets and b["input_ids"].dtype == np.int32
         assert (b["input_ids"] == -200).sum(axis=1).tolist() == [1] * 4  # one placeholder per sample
         assert np.all(np.diff(b["attention_mask"].astype(int), axis=1) <= 0)  # right padding
@@ -52,6 +51,28 @@ def test_answers_decode_to_the_records(small_shapes):
     for sample_id, labels in zip(b["id"], b["labels"], strict=True):
         answer = tok.decode(labels[labels != -100][:-1])
         assert answer == by_id[sample_id][1]["value"]
+
+
+def test_images_are_the_resized_pixels_and_the_tower_sees_what_the_float_path_fed_it(small_shapes):
+    import jax
+
+    from qtl_jax.data.preprocess import load_image, preprocess_image, resize_image
+    from qtl_jax.models.siglip import SiglipConfig, SiglipVisionTower
+
+    builder, _ = small_shapes
+    source = builder.as_data_source()["train"]
+    records = {source[i]["id"].decode(): bytes(source[i]["image"]) for i in range(len(source))}
+    b = next(iter(_loader(small_shapes, image_size=48)))  # resized: the records are 32 px
+    for sample_id, image in zip(b["id"], b["images"], strict=True):
+        np.testing.assert_array_equal(image, resize_image(load_image(records[sample_id]), 48))
+    # The batch the pipeline used to make: float32 in [-1, 1] on the host (4x the bytes to the device).
+    old = np.stack([preprocess_image(load_image(records[i]), 48) for i in b["id"]])
+    assert b["images"].nbytes * 4 == old.nbytes
+    tower = SiglipVisionTower(SiglipConfig(width=128, depth=4, num_heads=4, mlp_dim=256, patch_size=16,
+                                           image_size=48, select="all"))
+    params = tower.init(jax.random.key(0), b["images"])
+    features = jax.jit(lambda images: tower.apply(params, images)[0])
+    np.testing.assert_allclose(features(b["images"]), features(old), rtol=0, atol=1e-6)
 
 
 def test_seeded_shuffle(small_shapes):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from qtl_jax.data.preprocess import load_image, preprocess_image
+from qtl_jax.data.preprocess import load_image, preprocess_image, resize_image
 from qtl_jax.data.templates import BadSample
 
 
@@ -21,6 +21,18 @@ def test_matches_siglip_image_processor(shape):
     assert np.abs(ours - theirs).max() <= 1e-6
 
 
+@pytest.mark.parametrize("shape", [(100, 150, 3), (48, 48, 3), (17, 23, 3)])
+def test_resized_pixels_are_the_processors_before_rescaling(shape):
+    # What the pipeline sends to the device: the processor's own resize (PIL on uint8), nothing rounded away.
+    image = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    processor = SiglipImageProcessorPil(size={"height": 48, "width": 48}, do_rescale=False, do_normalize=False)
+    theirs = processor(Image.fromarray(image), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    ours = resize_image(image, 48)
+    assert ours.shape == (48, 48, 3) and ours.dtype == np.uint8
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(preprocess_image(image, 48), (ours.astype(np.float32) * (1 / 255) - 0.5) / 0.5)
+
+
 def test_load_image_errors_name_the_sample(tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(buffer, format="PNG")  # grey: converted to RGB
@@ -31,3 +43,5 @@ def test_load_image_errors_name_the_sample(tmp_path):
         load_image(str(tmp_path / "missing.png"), "s2")
     with pytest.raises(ValueError, match=r"expected a uint8\[H, W, 3\] image"):
         preprocess_image(np.zeros((4, 4), np.float32), 8)
+    with pytest.raises(ValueError, match=r"expected a uint8\[H, W, 3\] image"):
+        resize_image(np.zeros((4, 4, 3), np.float32), 8)
