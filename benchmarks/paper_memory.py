@@ -67,7 +67,7 @@ def build(stage: str, split: SplitConfig, text: int, all_trainable: bool = False
     split_trainer = SplitTrainer(model_cfg, split, tx_client, tx_server, boxed, dtype=dtype, trainable=parts)
     size = model_cfg.vision.image_size
     batch = config.optim.batch_size
-    shapes = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32),
+    shapes = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
               "input_ids": jax.ShapeDtypeStruct((batch, text), jnp.int32),
               "attention_mask": jax.ShapeDtypeStruct((batch, text), jnp.bool_),
               "labels": jax.ShapeDtypeStruct((batch, text), jnp.int32)}
