@@ -204,8 +204,21 @@ def _batch_spec(mesh, x) -> NamedSharding:
 
 
 def to_mesh(tree, mesh):
-    """Moves a pytree (host batch, uplink, downlink) onto `mesh`: the only way data crosses between halves."""
-    return jax.tree.map(lambda a: jax.device_put(a, _batch_spec(mesh, a)), tree)
+    """Moves a pytree (host batch, uplink, downlink) onto `mesh`: the only way data crosses between halves.
+
+    A mesh over several processes (a multi-process server, `qtl_jax.split.multihost`) takes host arrays through
+    `jax.make_array_from_process_local_data`: every process passes the same whole arrays (it received the whole
+    uplink) and keeps its own devices' shards, with no cross-process traffic; `jax.device_put` would first compare
+    every array across the processes (a collective per leaf)."""
+    def one(a):
+        target = _batch_spec(mesh, a)
+        if target.is_fully_addressable or isinstance(a, jax.Array):
+            return jax.device_put(a, target)
+        # As explicit as a device_put, but the transfer guard does not know it: allowed here, only here.
+        with jax.transfer_guard_host_to_device("allow"):
+            return jax.make_array_from_process_local_data(target, np.asarray(a), np.shape(a))
+
+    return jax.tree.map(one, tree)
 
 
 def _abstract_on(tree, mesh):

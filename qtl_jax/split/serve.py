@@ -13,6 +13,12 @@ the quantized features, the labels of the supervised tokens and, with `token_ids
 stopped (Ctrl-C or SIGTERM); restarted with the same command it resumes from its newest checkpoint and the
 clients reconnect. `python -m qtl_jax.split.remote.security --out certs` makes a CA, certificates and tokens for a
 local try-out.
+
+Several hosts (a TPU pod slice, GPU hosts): the same command runs once per host with `--distributed` (JAX finds
+the processes itself on TPU slices, SLURM and Open MPI) or `--coordinator HOST:PORT --num_processes N
+--process_id I`; `split.server_mesh` then spans every device of every process (`qtl_jax.split.multihost`).
+Process 0 serves gRPC on `--address`; the others follow its steps. `--workdir` must be one folder every host sees
+(orbax writes each host's shards into the same checkpoint).
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ _TLS_CLIENT_CA = flags.DEFINE_string("tls_client_ca", "", "Mutual TLS: require c
 _TOKENS = flags.DEFINE_string("tokens", "", "The clients' tokens: 'CLIENT_ID TOKEN' per line.")
 _INSECURE = flags.DEFINE_bool("insecure", False, "Plaintext gRPC (loopback addresses only).")
 _PORT_FILE = flags.DEFINE_string("port_file", "", "Write the bound port here once serving (for scripts).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Run as one of several server processes (jax.distributed); "
+                                 "implied by --coordinator.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "Several processes: process 0's HOST:PORT for "
+                                   "jax.distributed (empty: found by JAX on TPU slices, SLURM, Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Several processes: how many (default: found by JAX).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Several processes: this one's index; 0 serves gRPC "
+                                   "(default: found by JAX).")
 
 
 def config_stages(config, workdir: str, log=print):
@@ -96,10 +109,28 @@ def main(argv):
     import numpy as np
 
     config = _CONFIG.value
-    # On a CPU-only machine, the server mesh's virtual devices (accelerators are unaffected).
-    jax.config.update("jax_num_cpu_devices", int(np.prod(config.split.server_mesh)))
+    mesh_devices = int(np.prod(config.split.server_mesh))
+    from qtl_jax.split import multihost
     from qtl_jax.split.remote import security
-    from qtl_jax.split.remote.server import SplitServer, make_grpc_server
+    from qtl_jax.split.remote.server import SplitServer, follow, make_grpc_server
+
+    # On a CPU-only machine, the server mesh's virtual devices, split over the processes (accelerators are
+    # unaffected).
+    if not (_DISTRIBUTED.value or _COORDINATOR.value):
+        jax.config.update("jax_num_cpu_devices", mesh_devices)
+    else:
+        processes = _NUM_PROCESSES.value
+        if processes and mesh_devices % processes:
+            raise app.UsageError(f"split.server_mesh {tuple(config.split.server_mesh)} ({mesh_devices} devices) "
+                                 f"does not divide over {processes} processes")
+        multihost.initialize(_COORDINATOR.value, processes, _PROCESS_ID.value,
+                             cpu_devices=mesh_devices // processes if processes else None)
+        multihost.check_server_mesh(config.split.server_mesh)
+        if jax.process_index() != 0:  # no gRPC, no tokens or certificates here: process 0 answers the clients
+            print(f"[serve] process {jax.process_index()} of {jax.process_count()}: following process 0", flush=True)
+            follow(config_stages(config, _WORKDIR.value))
+            print(f"[serve] process {jax.process_index()} stopped", flush=True)
+            return
 
     if not _TOKENS.value:
         raise app.UsageError("--tokens: the clients' tokens file is required (python -m "
@@ -119,7 +150,9 @@ def main(argv):
     host = _ADDRESS.value.rsplit(":", 1)[0]
     print(f"[serve] stages {', '.join(core.stages.names)} on {host}:{port} "
           f"({'plaintext' if credentials is None else 'TLS'}{', mutual' if _TLS_CLIENT_CA.value else ''}); "
-          f"{len(core.tokens)} clients may connect", flush=True)
+          f"{len(core.tokens)} clients may connect"
+          + (f"; process 0 of {jax.process_count()}, the server mesh on {jax.device_count()} devices"
+             if jax.process_count() > 1 else ""), flush=True)
     if _PORT_FILE.value:
         with open(_PORT_FILE.value + ".tmp", "w") as f:
             f.write(str(port))

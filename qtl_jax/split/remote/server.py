@@ -44,7 +44,7 @@ from google.protobuf.message import DecodeError
 
 from qtl_jax import checkpoint
 from qtl_jax.models import tinyllava as T
-from qtl_jax.split import wire
+from qtl_jax.split import multihost, wire
 from qtl_jax.split.remote import protocol_pb2 as pb
 from qtl_jax.split.remote import security
 from qtl_jax.split.runtime import SplitTrainer
@@ -107,6 +107,9 @@ class StageHalf:
     max_new_tokens: int = MAX_NEW_TOKENS
     accum_steps: int = 1
     _token_rows: Any = dataclasses.field(default=None, repr=False, compare=False)
+    # Process 0 of a multi-process server: announces every operation on the model to the other processes, which
+    # do the same (`follow`); None on a single-process server and on the followers themselves.
+    leader: multihost.Leader | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
     def model_config(self) -> T.TinyLlavaConfig:
@@ -128,12 +131,44 @@ class StageHalf:
         return [] if self.ckpt is None else sorted(self.ckpt.all_steps())
 
     def save(self) -> None:
+        """Starts saving the half at `self.step` (asynchronous, `checkpoint.save_state`): it returns once the
+        arrays are on the host, so the reply goes out, and the next step may donate the state buffers, while the
+        files are written. Asynchronous is safe for the protocol, which resumes from the newest step *both*
+        sides hold on disk: a save waits for the previous one, so a crash loses at most the newest step, whose
+        `STEP` folder then never appears (orbax renames a finished temporary folder); the server restarts from
+        its previous checkpoint, which the client still holds (it keeps two, and waits for its own previous
+        save before it sends a step that asks for a checkpoint), and both go back there. `restore` and
+        `ckpt.close()` wait for a pending save."""
         if self.ckpt is not None:
+            self._announce("save", step=self.step, sessions=self.sessions)
             checkpoint.save_state(self.ckpt, self.trainer, self.step, None, {"sessions": self.sessions}, None)
 
     def restore(self, step: int) -> None:
+        self._announce("restore", step=step)
         _, totals = checkpoint.restore_state(self.ckpt, self.trainer, step, None)
         self.step, self.sessions = step, dict(totals["sessions"])
+
+    def server_step(self, uplink) -> tuple[float, tuple]:
+        """The server step on an uplink of host arrays: (ce_loss, the downlink payloads as host arrays). On a
+        multi-process server every process runs it: process 0 announces it with the uplink, and the downlink is
+        gathered from all of them."""
+        if self.leader is not None:
+            batch, length = (int(d) for d in uplink.labels.shape)
+            request = pb.StepRequest(batch_size=batch, text_length=length,
+                                     uplink=arrays_to_proto(wire.to_arrays(uplink)))
+            self.leader.announce("step", request.SerializeToString())
+        ce, _, downlink = self.trainer.server_step(uplink)
+        ce, downlink = multihost.to_host((ce, downlink))
+        return float(ce), downlink
+
+    def close(self) -> None:
+        self._announce("close")
+        if self.ckpt is not None:
+            self.ckpt.close()
+
+    def _announce(self, command: str, **fields) -> None:
+        if self.leader is not None:
+            self.leader.announce(command, **fields)
 
 
 class Stages:
@@ -213,11 +248,20 @@ class Session:
 
 
 class SplitServer:
-    """The service's logic (see the module docstring). `tokens` = {client id: bearer token}."""
+    """The service's logic (see the module docstring). `tokens` = {client id: bearer token}.
+
+    In process 0 of a multi-process server (`jax.distributed`, `qtl_jax.split.multihost`) it leads: every
+    operation on the model is announced to the other processes, which run `follow`; `close` stops them."""
 
     def __init__(self, stages: Stages, tokens: dict[str, str], log: Callable[[str], None] = print):
         self.stages, self.tokens, self.log = stages, dict(tokens), log
         self.lock = threading.RLock()
+        self.leader = None
+        if jax.process_count() > 1:
+            if jax.process_index() != 0:
+                raise RuntimeError("process 0 serves; the other processes of the server run `follow`")
+            self.leader = multihost.Leader(self.lock)
+            self.leader.start()
         self.half: StageHalf | None = None
         self.sessions: dict[str, Session] = {}
 
@@ -289,11 +333,14 @@ class SplitServer:
                 _fail(grpc.StatusCode.UNAVAILABLE,
                       f"the server is in stage {half.stage!r} with clients {others}; stage {request.stage!r} "
                       f"starts when they are done")
-            if half.ckpt is not None:
-                half.ckpt.close()
+            half.close()
             self.sessions = {k: v for k, v in self.sessions.items() if v.stage == request.stage}
         self.half = None
+        if self.leader is not None:
+            self.leader.announce("build", stage=request.stage, vocab_size=int(request.vocab_size),
+                                 num_steps=int(request.num_steps))
         half = self.stages.build(request.stage, int(request.vocab_size), int(request.num_steps))
+        half.leader = self.leader
         steps = half.checkpoints()
         if steps:
             half.restore(steps[-1])
@@ -332,12 +379,12 @@ class SplitServer:
                 uplink = wire.from_arrays(template, arrays_from_proto(request.uplink), "uplink")
             except wire.WireError as e:
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            ce, _, downlink = half.trainer.server_step(uplink)
+            ce, downlink = half.server_step(uplink)
             half.step += 1
             half.sessions[client_id] = session.last_step = request.step
             if request.checkpoint:
                 half.save()
-            reply = pb.StepReply(step=request.step, ce_loss=float(jax.device_get(ce)),
+            reply = pb.StepReply(step=request.step, ce_loss=ce,
                                  downlink=arrays_to_proto(wire.to_arrays(downlink)))
             session.cached = reply.SerializeToString()
             return session.cached
@@ -409,8 +456,39 @@ class SplitServer:
 
     def close(self) -> None:
         with self.lock:
-            if self.half is not None and self.half.ckpt is not None:
-                self.half.ckpt.close()
+            if self.half is not None:
+                self.half.close()
+            if self.leader is not None:
+                self.leader.stop()
+
+
+def follow(stages: Stages, log: Callable[[str], None] = print) -> None:
+    """Processes 1..N-1 of a multi-process server: do to their own copy of the server half what process 0's
+    `SplitServer` announces (`multihost.Leader`), in the same order, until it stops. Each operation is a
+    collective over every process's devices (a step, a save, a restore, building a half), so each must run it;
+    refused requests are never announced. Returns when process 0 closes; raises on a command it does not know."""
+    half: StageHalf | None = None
+    while True:
+        command, fields, payload = multihost.receive()
+        if command == "stop":
+            return
+        if command == "build":
+            half = stages.build(fields["stage"], fields["vocab_size"], fields["num_steps"])
+        elif command == "step":
+            request = pb.StepRequest.FromString(payload)
+            template = wire.uplink_template(half.model_config, request.batch_size, request.text_length)
+            half.server_step(wire.from_arrays(template, arrays_from_proto(request.uplink), "uplink"))
+        elif command == "save":
+            half.step, half.sessions = fields["step"], fields["sessions"]
+            half.save()
+        elif command == "restore":
+            half.restore(fields["step"])
+        elif command == "close":
+            half.close()
+        elif command != "noop":
+            raise ValueError(f"process {jax.process_index()}: unknown command {command!r} from process 0")
+        if command in ("build", "restore"):
+            log(f"[serve] process {jax.process_index()}: {command} {fields}")
 
 
 # ------------------------------------------------------------------------------------------------ gRPC
@@ -448,6 +526,10 @@ def _handlers(server: SplitServer) -> grpc.GenericRpcHandler:
 
     def generate(raw_requests, context):
         client_id = _guard(context, lambda: server.authenticate(context.invocation_metadata()))
+        if server.leader is not None:  # generation runs on process 0 alone; its model spans all the processes
+            _guard(context, lambda: _fail(grpc.StatusCode.UNIMPLEMENTED,
+                                          "this server runs as several processes, which do not generate (yet): "
+                                          "evaluate with a single-process server"))
         requests = (_parse(pb.GenerateRequest, raw) for raw in raw_requests)
         stream = server.generate(client_id, requests)
         while True:
