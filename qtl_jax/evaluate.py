@@ -48,10 +48,27 @@ def _text(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+# Module-level jits with the config static: compiled once per (config, dtype, shapes), shared by every Answerer.
+_client_forward = jax.jit(T.client_apply, static_argnums=0, static_argnames="dtype")
+
+
+def _token_payload_impl(config: T.TinyLlavaConfig, dtype, client_params, ids, moments):
+    return T.TinyLlavaClient(config, dtype).apply({"params": client_params}, ids, moments,
+                                                  method=T.TinyLlavaClient.token_payload)
+
+
+_token_payload = jax.jit(_token_payload_impl, static_argnums=(0, 1))
+
+
 class Answerer:
     """Generates answers of a trained model for batches of prompts: client and server halves in one process, or
     the client's here and the server's behind `remote` (a `RemoteCrossing`: the prompt's uplink goes over, and
     with quantized text embeddings each generated token costs one round trip, its row coded here).
+
+    In one process a batch is three compiled calls (client half, prompt splice, and the whole decode loop with
+    the new tokens' rows computed on the device: `TokenRows`), each compiled once per (prompt length bucket,
+    batch size, max_new_tokens) for all the Answerers of a process; the parameters stay on the device and the
+    host reads the tokens once per batch.
 
     Args:
       model_config: the model as trained; evaluation runs `model_config.for_inference()`.
@@ -64,18 +81,9 @@ class Answerer:
     def __init__(self, model_config: T.TinyLlavaConfig, params: dict, tokenizer: Tokenizer, dtype=jnp.float32,
                  remote=None):
         self.config = model_config.for_inference()
-        # On the device once: host arrays as jit arguments would be copied over for every generated token.
+        # On the device once: host arrays as jit arguments would be copied over on every call.
         params = jax.device_put(params)
         self.params, self.tokenizer, self.dtype, self.remote = params, tokenizer, dtype, remote
-        cfg = self.config
-        self._client = jax.jit(lambda p, *b: T.client_apply(cfg, p, *b, dtype=dtype))
-        self._rows = self._payload = None
-        if cfg.quantized_text and remote is None:
-            self._rows = T.token_rows_fn(cfg, params, dtype)
-        elif cfg.quantized_text:
-            client = T.TinyLlavaClient(cfg, dtype)
-            self._payload = jax.jit(lambda p, ids, moments: client.apply(
-                {"params": p}, ids, moments, method=T.TinyLlavaClient.token_payload))
 
     def answer(self, images: np.ndarray, prompts: Sequence[np.ndarray], length: int,
                max_new_tokens: int) -> list[str]:
@@ -93,23 +101,26 @@ class Answerer:
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p
         mask = np.arange(length)[None, :] < lengths[:, None]  # from the tokenizer's lengths, never from ids
-        out = self._client(self.params["client"], images, ids, mask, np.full_like(ids, T.IGNORE_INDEX))
-        options = {"max_new_tokens": max_new_tokens, "eos_id": self.tokenizer.eos_id,
-                   "pad_id": self.tokenizer.pad_id}
-        if self.remote is not None:  # the server generates; each new token's row comes from here
-            payload = None
-            if self._payload is not None:
-                payload = lambda tokens: self._payload(self.params["client"], tokens, out.text_moments)
-            tokens = self.remote.generate(out.uplink, token_payload=payload, **options)
-        else:
-            embed = None
-            if self._rows is not None:
-                embed = lambda tokens: self._rows(tokens, out.text_moments)
-            tokens = T.server_generate(self.config, self.params["server"], out.uplink, self.dtype, embed=embed,
-                                       **options)
+        out = _client_forward(self.config, self.params["client"], images, ids, mask,
+                              np.full_like(ids, T.IGNORE_INDEX), dtype=self.dtype)
+        tokens = self._generate(out, {"max_new_tokens": max_new_tokens, "eos_id": self.tokenizer.eos_id,
+                                      "pad_id": self.tokenizer.pad_id})
         return [self.tokenizer.decode([t for t in row.tolist() if t not in (self.tokenizer.eos_id,
                                                                             self.tokenizer.pad_id)])
                 for row in tokens]
+
+    def _generate(self, out: T.ClientResult, options: dict) -> np.ndarray:
+        """int32[B, max_new_tokens] host array: the tokens generated for the client half's result `out`."""
+        cfg, dtype = self.config, self.dtype
+        if self.remote is not None:  # the server generates; each new token's row comes from here
+            payload = None
+            if cfg.quantized_text:
+                payload = lambda tokens: _token_payload(cfg, dtype, self.params["client"], tokens, out.text_moments)
+            return self.remote.generate(out.uplink, token_payload=payload, **options)
+        rows = {}  # the whole decode loop on the device
+        if cfg.quantized_text:
+            rows = {"embed_fn": T.TokenRows(cfg, dtype), "embed_params": (self.params, out.text_moments)}
+        return T.server_generate(cfg, self.params["server"], out.uplink, dtype, **rows, **options)
 
 
 def evaluate_source(answerer: Answerer, source, *, template: str, buckets: Sequence[int], batch_size: int,

@@ -1,5 +1,7 @@
-"""Evaluation: answers independent of the batch (RD-FSQ's inference statistics), scoring, eval-file parsing."""
+"""Evaluation: answers independent of the batch (RD-FSQ's inference statistics), one compilation per bucket,
+scoring, eval-file parsing."""
 
+import collections
 import json
 
 import jax
@@ -11,6 +13,8 @@ from qtl_jax import evaluate, trainer
 from qtl_jax.data import builders
 from qtl_jax.data.tokenizer import load_tokenizer
 from qtl_jax.models import tinyllava as T
+
+from .models.test_generate import compilations
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +54,27 @@ def test_with_batch_statistics_answers_would_depend_on_the_batch(setup, tmp_path
     _, alone = _answers(setup, 1, tmp_path / "b1.jsonl")
     _, together = _answers(setup, 32, tmp_path / "b32.jsonl")
     assert [a["answer"] for a in alone] != [a["answer"] for a in together]
+
+
+def test_batches_of_a_bucket_compile_once(setup):
+    """Locally a batch is three compiled calls (client half, prompt splice, decode loop): the first batch of a
+    bucket compiles each once, the next batches nothing, and a second bucket one more set."""
+    model_cfg, params, tok, source = setup
+    answerer = evaluate.Answerer(model_cfg, params, tok)
+    answer, compiled = answerer.answer, []
+
+    def counted(*args):
+        with compilations() as names:
+            result = answer(*args)
+        compiled.append(collections.Counter(names))
+        return result
+
+    answerer.answer = counted
+    for bucket in (48, 64):  # every prompt of the split has 41 to 43 tokens
+        evaluate.evaluate_source(answerer, source, template="llama", buckets=(bucket,), batch_size=5,
+                                 max_new_tokens=2, max_examples=15)
+    once = {"client_apply": 1, "_prompt_rows": 1, "_generate_on_device": 1}
+    assert compiled == [once, {}, {}] * 2
 
 
 def test_answer_normalisation_and_eval_file_lists():

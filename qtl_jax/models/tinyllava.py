@@ -297,8 +297,8 @@ class TinyLlavaClient(nn.Module):
         return image_rows, text_rows, image_pos, lengths
 
     def __call__(self, images, input_ids, attention_mask, labels) -> ClientResult:
-        """Args: images float[B, H, W, 3] in [-1, 1]; input_ids int[B, T] with one -200 per image sample;
-        attention_mask bool[B, T]; labels int[B, T]. Returns a `ClientResult`."""
+        """Args: images uint8[B, H, W, 3] pixels (or float in [-1, 1]: `SiglipVisionTower`); input_ids int[B, T]
+        with one -200 per image sample; attention_mask bool[B, T]; labels int[B, T]. Returns a `ClientResult`."""
         cfg = self.config
         image_rows, text_rows, image_pos, lengths = self.rows(images, input_ids, attention_mask)
         image_mask = jnp.broadcast_to((image_pos >= 0)[:, None], image_rows.shape[:2])
@@ -417,42 +417,68 @@ def server_apply(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=j
     return TinyLlavaServer(config, dtype).apply({"params": server_params}, uplink)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenRows:
+    """With quantized text embeddings: the rows the server's LM receives for tokens (client embedding -> text
+    compressor -> payload -> server dequantize and decode: exactly what crosses in a split deployment), as a
+    pure function ((params {"client", "server"}, moments), int[B, L] ids) -> float[B, L, D].
+
+    `moments` are the statistics to quantize with: the prompt's (`ClientResult.text_moments`, per sample with
+    the inference config), so that a sample's new tokens are coded as its prompt was; None takes those of the
+    L new rows themselves. Hashable by (config, dtype), so it is the `embed_fn` of on-device generation
+    (`generate(embed_fn=TokenRows(cfg), embed_params=(params, moments))`): a static argument, compiled once
+    per model and shapes, with the parameters traced."""
+
+    config: TinyLlavaConfig
+    dtype: Any = jnp.float32
+
+    def __call__(self, params_and_moments, ids: jax.Array) -> jax.Array:
+        params, moments = params_and_moments
+        payload = TinyLlavaClient(self.config, self.dtype).apply({"params": params["client"]}, ids, moments,
+                                                                 method=TinyLlavaClient.token_payload)
+        return TinyLlavaServer(self.config, self.dtype).apply({"params": params["server"]}, payload,
+                                                              method=TinyLlavaServer.token_rows)
+
+
+# Module-level jits with the config static: compiled once per (config, dtype, shapes), whoever calls them.
+_token_rows = jax.jit(lambda rows, params_and_moments, ids: rows(params_and_moments, ids), static_argnums=0)
+
+
 def token_rows_fn(config: TinyLlavaConfig, params, dtype=jnp.float32):
-    """With quantized text embeddings: a jitted (int[B, L] ids, moments) -> float[B, L, D] giving the rows the
-    server's LM receives for those tokens (client embedding -> text compressor -> payload -> server dequantize and
-    decode: exactly what crosses in a split deployment), for generation.
+    """With quantized text embeddings: a jitted (int[B, L] ids, moments=None) -> float[B, L, D], `TokenRows` of
+    `params` ({"client", "server"}; keep them on the device), for generation driven from the host.
 
     In a split deployment this is one small round trip per generated token: the server sends the token id,
-    the client answers with its quantized row. `moments` are the statistics to quantize with: the prompt's
-    (`ClientResult.text_moments`, per sample with the inference config), so that a sample's new tokens are
-    coded as its prompt was; None takes those of the L new rows themselves."""
+    the client answers with its quantized row. The function is compiled once per (config, dtype, shapes), not
+    once per call of token_rows_fn."""
     if not config.quantized_text:
         raise ValueError("token_rows_fn is for text_transport='quantized_embeddings'")
-    client, server = TinyLlavaClient(config, dtype), TinyLlavaServer(config, dtype)
+    rows = TokenRows(config, dtype)
+    return lambda ids, moments=None: _token_rows(rows, (params, moments), ids)
 
-    def rows(params, ids, moments):
-        payload = client.apply({"params": params["client"]}, ids, moments, method=TinyLlavaClient.token_payload)
-        return server.apply({"params": params["server"]}, payload, method=TinyLlavaServer.token_rows)
 
-    jitted = jax.jit(rows)
-    return lambda ids, moments=None: jitted(params, ids, moments)
+def _prompt_rows(config: TinyLlavaConfig, dtype, server_params, uplink: Uplink):
+    """(rows float[B, T + N - 1, D], lengths int32[B]): the spliced prompt the LM reads, from a prompt uplink."""
+    server = TinyLlavaServer(config, dtype)
+    q_image, text = server.apply({"params": server_params}, uplink, method=TinyLlavaServer.dequantize)
+    rows, mask, _ = server.apply({"params": server_params}, q_image, text, uplink.image_pos, uplink.lengths,
+                                 method=TinyLlavaServer.embeds)
+    return rows, mask.sum(axis=1).astype(jnp.int32)
+
+
+_prompt_rows_jit = jax.jit(_prompt_rows, static_argnums=(0, 1))
 
 
 def server_generate(config: TinyLlavaConfig, server_params, uplink: Uplink, dtype=jnp.float32, **kwargs):
     """Answers for a prompt uplink (its labels are ignored): the server dequantizes and splices the prompt
     rows, then decodes with the KV cache (`qtl_jax.models.generate.generate`; kwargs: max_new_tokens, eos_id,
-    pad_id, temperature, rng, embed — with quantized text embeddings pass `embed=token_rows_fn(...)` so that
-    new tokens reach the LM as they did in training). Returns int32[B, max_new_tokens] on the host."""
+    pad_id, temperature, rng, and the rows of the new tokens). With quantized text embeddings those must reach
+    the LM as they did in training: `embed_fn=TokenRows(config, dtype), embed_params=(params, moments)`
+    decodes on the device in one call; `embed=token_rows_fn(...)` or any Python callable (the networked server:
+    a round trip to the client) decodes with a host loop. Compiled once per (config, dtype, shapes); keep
+    `server_params` on the device. Returns int32[B, max_new_tokens] on the host."""
     from qtl_jax.models.generate import generate
 
-    server = TinyLlavaServer(config, dtype)
-
-    def prompt(params, uplink):
-        q_image, text = server.apply({"params": params}, uplink, method=TinyLlavaServer.dequantize)
-        rows, mask, _ = server.apply({"params": params}, q_image, text, uplink.image_pos, uplink.lengths,
-                                     method=TinyLlavaServer.embeds)
-        return rows, mask.sum(axis=1).astype(jnp.int32)
-
-    rows, lengths = jax.jit(prompt)(server_params, uplink)
+    rows, lengths = _prompt_rows_jit(config, dtype, server_params, uplink)
     lm = OpenELM(config.lm, dtype)
     return generate(lm, server_params["language_model"], inputs_embeds=rows, lengths=lengths, **kwargs)

@@ -26,7 +26,7 @@ from openelm_pytorch.openelm import OpenELM as TorchOpenELM
 from safetensors.torch import save_file
 
 from qtl_jax.models import convert
-from qtl_jax.models.generate import _decode_step, generate
+from qtl_jax.models.generate import _generate_on_device, generate
 from qtl_jax.models.openelm import OPENELM_270M, OPENELM_TINY, OpenELM, OpenELMConfig
 
 
@@ -154,9 +154,9 @@ def test_cached_greedy_equals_uncached_argmax(torch_model):
     ids = np.random.default_rng(2).integers(3, config.vocab_size, (2, 10))
     lengths = np.array([10, 6])
     ids = np.where(np.arange(10)[None] < lengths[:, None], ids, 0)
-    before = _decode_step._cache_size()
+    before = _generate_on_device._cache_size()
     out = generate(model, params, input_ids=jnp.asarray(ids), lengths=lengths, max_new_tokens=8, eos_id=-1)
-    assert _decode_step._cache_size() - before <= 1  # one compilation for all 7 decode steps
+    assert _generate_on_device._cache_size() - before <= 1  # one compilation: prefill and all 7 decode steps
     embeds = model.apply({"params": params}, jnp.asarray(ids), method=OpenELM.embed)
     for row in range(2):
         assert out[row].tolist() == _uncached_greedy(model, params, embeds[row], lengths[row], 8)
