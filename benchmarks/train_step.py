@@ -132,6 +132,7 @@ def torch_model(cfg, vocab: int):
             self.text_in, self.text_out = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
             self.text_embed = torch.nn.Embedding(vocab, d)
             self.lm = openelm_torch.OpenELM.from_config(ModelConfig.from_name("OpenELM-270M", vocab_size=vocab))
+            self.lm.reset_parameters()  # OpenELM's own init (from_config leaves torch's defaults: N(0, 1) embeddings)
 
         def forward(self, pixels, ids, labels):
             with torch.no_grad():
@@ -175,7 +176,7 @@ def run_torch(args, compiled: bool) -> dict:
         return ce
 
     start = time.perf_counter()
-    loss = float(step())
+    loss = float(step().detach())
     first = time.perf_counter() - start
     return {"step_s": timed(step, args.repeats), "first_step_s": first, "loss": loss}
 
