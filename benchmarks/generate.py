@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--skip-openelm", action="store_true")
     args = parser.parse_args()
     tfds.disable_progress_bar()
-    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}), "
+    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32")
     if not args.skip_eval:
         bench_evaluation(args.eval_repeats, args.eval_batch, args.eval_new_tokens)

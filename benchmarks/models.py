@@ -13,6 +13,10 @@ The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert
 same function; the script prints the largest output difference as a check. Median of --repeats runs after
 one warm-up (compilation excluded; torch.compile's compile time is printed apart). fp32 throughout.
 
+XLA:CPU runs matmuls with Eigen by default, about 0.8x the speed of PyTorch's (oneDNN) on this machine; with
+XNNPACK (`XLA_FLAGS=--xla_cpu_use_xnnpack=true`, set before JAX starts) they run at or above it. Run the script
+both ways; the header prints the flags in effect.
+
     python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm] [--skip-compile] [--profile]
 """
 
@@ -237,7 +241,8 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile peers")
     parser.add_argument("--profile", action="store_true", help="OpenELM: time attention, FFN and head apart")
     args = parser.parse_args()
-    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}), "
+    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32")
     peak = matmul_rate()
     print(f"fp32 matmul rate (2048^3, best of jax/torch): {peak / 1e9:.0f} GFLOP/s")

@@ -199,7 +199,8 @@ def main() -> None:
     import jax
     import torch
 
-    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}), torch "
+    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads) | {args.dtype} | batch {args.batch}, "
           f"{args.text} text tokens + 728 image rows, {args.answer} supervised")
     results = {}
