@@ -29,13 +29,13 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 import torch
+from peers import openelm_torch
 from timing import timed
 
 from configs.finetune import get_config
 from qtl_jax import evaluate, trainer
 from qtl_jax.data import builders
 from qtl_jax.data.tokenizer import load_tokenizer
-from qtl_jax.models import convert
 from qtl_jax.models import tinyllava as T
 from qtl_jax.models.generate import generate
 from qtl_jax.models.openelm import OPENELM_270M, OpenELM
@@ -97,20 +97,9 @@ def bench_evaluation(repeats: int, batch_size: int, new_tokens: int) -> None:
 
 
 def bench_openelm(repeats: int, batch: int, prompt: int, new_tokens: int) -> None:
-    from openelm_pytorch import openelm as openelm_torch
-    from openelm_pytorch.config import ModelConfig
-
-    # openelm-pytorch calls .view on non-contiguous q/k in its RoPE, which current torch refuses.
-    rope_forward = openelm_torch.RoPE.forward
-    openelm_torch.RoPE.forward = lambda self, x, offset=0: rope_forward(self, x.contiguous(), offset)
     cfg = OPENELM_270M
-    torch.manual_seed(0)
-    tm = openelm_torch.OpenELM.from_config(ModelConfig.from_name("OpenELM-270M", vocab_size=cfg.vocab_size))
-    tm.reset_parameters()
+    tm, params = openelm_torch(cfg)
     tm.eval()
-    weights = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    params = jax.device_put(convert._import_openelm(weights, cfg, "openelm-pytorch"))
-    del weights
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
     model = OpenELM(cfg)
     ids_jax, ids_torch = jax.device_put(ids), torch.from_numpy(ids).long()

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from peers import openelm_torch
 from timing import timed
 
 from qtl_jax.models import convert
@@ -64,6 +65,12 @@ def openelm_fwd_flops(cfg, t: int) -> float:
         total += 2 * t * q_dim * cfg.model_dim  # out
         total += 2 * t * cfg.model_dim * 3 * ffn  # proj_1 (2I) + proj_2 (I)
     return total
+
+
+def report(title: str, t_jax: float, t_torch: float, flops: float, peak: float, check: str) -> None:
+    print(f"{title}: jax {t_jax:.3f} s, torch {t_torch:.3f} s, jax/torch speed-up {t_torch / t_jax:.2f}x; "
+          f"{flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} GFLOP/s = {flops / t_jax / peak:.0%} of matmul "
+          f"rate (torch {flops / t_torch / peak:.0%}); {check}")
 
 
 def compile_seconds(jitted, *args) -> float:
@@ -112,10 +119,8 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
     t_jax = timed(lambda: forward(params, images).block_until_ready(), repeats)
     t_torch = timed(run_torch, repeats)
     flops = siglip_flops(cfg, cfg.layers_used)
-    print(f"SigLIP so400m forward (26 layers, batch 1, 729 patches): jax {t_jax:.3f} s, torch {t_torch:.3f} s, "
-          f"jax/torch speed-up {t_torch / t_jax:.2f}x; {flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} "
-          f"GFLOP/s = {flops / t_jax / peak:.0%} of matmul rate (torch {flops / t_torch / peak:.0%}); "
-          f"max |diff| {diff:.2e}")
+    report("SigLIP so400m forward (26 layers, batch 1, 729 patches)", t_jax, t_torch, flops, peak,
+           f"max |diff| {diff:.2e}")
     if compile_torch:
         t_comp, first = compiled_time(hf, run_torch, repeats)
         print(f"  torch.compile: {t_comp:.3f} s (first run {first:.0f} s), jax/torch.compile speed-up "
@@ -132,20 +137,8 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
 
 
 def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, profile: bool) -> None:
-    from openelm_pytorch import openelm as openelm_torch
-    from openelm_pytorch.config import ModelConfig
-
-    # openelm-pytorch calls .view on non-contiguous q/k in its RoPE, which current torch refuses.
-    rope_forward = openelm_torch.RoPE.forward
-    openelm_torch.RoPE.forward = lambda self, x, offset=0: rope_forward(self, x.contiguous(), offset)
     cfg = OPENELM_270M
-    torch.manual_seed(0)
-    tm = openelm_torch.OpenELM.from_config(ModelConfig.from_name("OpenELM-270M", vocab_size=cfg.vocab_size))
-    tm.reset_parameters()
-    assert tuple(tm.layers[i].ffn.proj_2.in_features for i in range(16)) == cfg.ffn_dims
-    weights = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    params = jax.device_put(convert._import_openelm(weights, cfg, "openelm-pytorch"))
-    del weights
+    tm, params = openelm_torch(cfg)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (1, seq))
     labels = rng.integers(0, cfg.vocab_size, (1, seq))
@@ -183,10 +176,8 @@ def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, prof
     f_jax = timed(lambda: jax.block_until_ready(forward(params)), repeats)
     f_torch = timed(run_torch_forward, repeats)
     flops = 3 * openelm_fwd_flops(cfg, seq)
-    print(f"OpenELM-270M forward+backward (batch 1, {seq} tokens): jax {t_jax:.3f} s, torch {t_torch:.3f} s, "
-          f"jax/torch speed-up {t_torch / t_jax:.2f}x; {flops / 1e9:.0f} GFLOP -> jax {flops / t_jax / 1e9:.0f} "
-          f"GFLOP/s = {flops / t_jax / peak:.0%} of matmul rate (torch {flops / t_torch / peak:.0%}); "
-          f"|loss diff| {diff:.2e}")
+    report(f"OpenELM-270M forward+backward (batch 1, {seq} tokens)", t_jax, t_torch, flops, peak,
+           f"|loss diff| {diff:.2e}")
     print(f"  forward alone: jax {f_jax:.3f} s, torch {f_torch:.3f} s (jax/torch {f_torch / f_jax:.2f}x); "
           f"backward / forward: jax {(t_jax - f_jax) / f_jax:.2f}, torch {(t_torch - f_torch) / f_torch:.2f} "
           f"(2 is the FLOP ratio)")

@@ -98,13 +98,9 @@ def run_jax(args, mode: str, root: str) -> dict:
 # --------------------------------------------------------------------------------------------------- torch
 def torch_model(cfg, vocab: int):
     import torch
-    from openelm_pytorch import openelm as openelm_torch
-    from openelm_pytorch.config import ModelConfig
+    from peers import openelm_torch
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    # openelm-pytorch calls .view on non-contiguous q/k in its RoPE, which current torch refuses.
-    rope_forward = openelm_torch.RoPE.forward
-    openelm_torch.RoPE.forward = lambda self, x, offset=0: rope_forward(self, x.contiguous(), offset)
     v = cfg.vision
     d = cfg.lm.model_dim
 
@@ -131,8 +127,7 @@ def torch_model(cfg, vocab: int):
             self.image_in, self.image_out = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
             self.text_in, self.text_out = torch.nn.Linear(d, d), torch.nn.Linear(d, d)
             self.text_embed = torch.nn.Embedding(vocab, d)
-            self.lm = openelm_torch.OpenELM.from_config(ModelConfig.from_name("OpenELM-270M", vocab_size=vocab))
-            self.lm.reset_parameters()  # OpenELM's own init (from_config leaves torch's defaults: N(0, 1) embeddings)
+            self.lm, _ = openelm_torch(cfg.lm, with_jax=False)
 
         def forward(self, pixels, ids, labels):
             with torch.no_grad():
