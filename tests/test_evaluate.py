@@ -60,6 +60,7 @@ def test_batches_of_a_bucket_compile_once(setup):
     """Locally a batch is three compiled calls (client half, prompt splice, decode loop): the first batch of a
     bucket compiles each once, the next batches nothing, and a second bucket one more set."""
     model_cfg, params, tok, source = setup
+    jax.clear_caches()  # counts below must not depend on what earlier tests of the session compiled
     answerer = evaluate.Answerer(model_cfg, params, tok)
     answer, compiled = answerer.answer, []
 
