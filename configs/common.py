@@ -3,7 +3,8 @@
 `get_config("preset=tiny")` style arguments (big_vision's `parse_arg`): comma-separated key=value pairs.
 Presets:
   tiny   (default) the built-in Shapes-VQA dataset, tiny SigLIP / OpenELM from random weights, CPU, fp32.
-         Because nothing is pretrained, both stages train the towers too (the paper freezes them).
+         Because nothing is pretrained, both stages train the towers too (the paper freezes them); stage 0
+         (`tower.steps`) pretrains the vision tower first instead, on the stage-1 captions.
   paper  the paper's sizes, data paths, hyperparameters and bf16 compute; needs real checkpoints and data.
 """
 
@@ -121,7 +122,8 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # The client's lr stays 0 for this fraction of the stage's steps, then warms up to lr x client_lr_scale
     # (the paper: 0 and 1). tiny, whose client starts from random weights: the server first learns to read the
     # client's initial codes, then the client moves slowly. Trained together at one lr from the first step, the
-    # 2-bit codes collapse (every object gets the same code; colour and shape never reach the server).
+    # 2-bit codes collapse (every object gets the same code; colour and shape never reach the server), with a
+    # stage-0 tower too (README "Code collapse").
     c.optim.client_delay_ratio = 0.2 if tiny else 0.0
     c.optim.client_lr_scale = 0.1 if tiny else 1.0
     c.optim.grad_clip = 1.0
@@ -132,10 +134,24 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.optim.min_steps = (930 if stage == "pretrain" else 2500) if tiny else 0
     c.optim.max_steps = 0  # > 0 caps the number of optimizer steps (quick runs, tests)
     # What trains. The paper freezes the pretrained towers; tiny starts from random weights, so it trains
-    # them too in both stages.
+    # them too in both stages (with stage 0, leave vision_tower out to freeze the pretrained tower).
     c.optim.trainable = (("vision_tower", "connector", "compressors", "token_embeddings", "language_model")
                          if tiny else (("connector", "compressors") if stage == "pretrain"
                                        else ("connector", "compressors", "token_embeddings", "language_model")))
+
+    # Stage 0 (`qtl_jax.tower`): before stage 1, the client pretrains its vision tower on the stage-1
+    # image-caption pairs with SigLIP's sigmoid loss, locally (nothing crosses the network); stage 1 then starts
+    # from that tower. The paper's tower is pretrained already (SigLIP so400m): 0 steps = no stage 0. Shared by
+    # both stages' configs (set once, as --config.tower.steps=...).
+    c.tower = ml_collections.ConfigDict()
+    c.tower.steps = 0  # tiny with stage 0 (README "Stage 0"): 1000, and vision_tower out of optim.trainable
+    c.tower.batch_size = 64  # image-caption pairs per step (every pair of the batch is a training example)
+    c.tower.lr = 1e-3
+    c.tower.warmup_ratio = 0.05
+    c.tower.weight_decay = 1e-4  # matrices only
+    c.tower.text_depth = 2  # layers of the text tower (dropped after stage 0)
+    c.tower.embed_dim = 128  # the shared image-text embedding
+    c.tower.max_text_len = 64  # caption tokens kept
 
     c.checkpoint_every = 200  # steps between checkpoints (one is always written at the end)
     c.stop_after = 0  # > 0: stop after this many steps, as if interrupted; rerunning resumes

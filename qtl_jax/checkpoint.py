@@ -89,10 +89,17 @@ def save_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int, it
     orbax's `save` has finished the device -> host copy by then (`tests/test_checkpoint.py` checks it against a
     donating step). The JSON part is written in the background too, so it is snapshotted here: `totals` may
     change under the writer."""
+    save_trees(ckpt, step, {h: _state_tree(trainer, h) for h in trainer.halves}, iterator_state, totals, data)
+
+
+def save_trees(ckpt: ocp.CheckpointManager, step: int, trees: dict, iterator_state: bytes | None, totals: dict,
+               data: dict | None) -> None:
+    """`save_state` for state that no SplitTrainer holds: `trees` maps a half to its pytree (stage 0 saves
+    {"client": {"params", "opt_state"}}, so `final_params` reads it like any stage)."""
     meta = json.loads(json.dumps({"step": step, "totals": totals, "data": data}))
     if iterator_state is not None:
         meta["iterator"] = base64.b64encode(iterator_state).decode()
-    halves = {h: ocp.args.StandardSave(_state_tree(trainer, h)) for h in trainer.halves}
+    halves = {h: ocp.args.StandardSave(tree) for h, tree in trees.items()}
     ckpt.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **halves))
 
 
@@ -108,18 +115,26 @@ def restore_state(ckpt: ocp.CheckpointManager, trainer: SplitTrainer, step: int,
     Raises ValueError when the checkpoint's iterator ran over other data than `data` (an edited annotation file,
     converted anew): its position would point into different records. Waits for a pending save first (it may be
     the step asked for)."""
+    trees, iterator, totals = restore_trees(ckpt, step, {h: _state_tree(trainer, h) for h in trainer.halves}, data)
+    for half in trainer.halves:
+        trainable, frozen = partition(trees[half]["params"], trainer.is_trainable)
+        trainer.state[half] = HalfState(trainable, frozen, trees[half]["opt_state"])
+    return iterator, totals
+
+
+def restore_trees(ckpt: ocp.CheckpointManager, step: int, like: dict,
+                  data: dict | None) -> tuple[dict, bytes | None, dict]:
+    """The inverse of `save_trees`: (trees shaped and sharded like `like`, iterator state bytes or None, totals);
+    the same data check as `restore_state`."""
     ckpt.wait_until_finished()
-    halves = {h: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_tree(trainer, h)))
-              for h in trainer.halves}
+    halves = {h: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, tree))
+              for h, tree in like.items()}
     r = ckpt.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **halves))
     if data is not None and r.meta.get("data", data) != data:
         raise ValueError(f"{ckpt.directory}: step {step} was trained on {r.meta['data']}, the data is now {data}; "
                          f"the saved data position does not apply. Use another --workdir or the original data.")
-    for half in trainer.halves:
-        trainable, frozen = partition(r[half]["params"], trainer.is_trainable)
-        trainer.state[half] = HalfState(trainable, frozen, r[half]["opt_state"])
     iterator = r.meta.get("iterator")
-    return (None if iterator is None else base64.b64decode(iterator)), r.meta["totals"]
+    return ({h: r[h] for h in like}, None if iterator is None else base64.b64decode(iterator), r.meta["totals"])
 
 
 def final_params(stage_dir: str) -> dict:

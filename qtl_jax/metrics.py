@@ -48,7 +48,7 @@ class MetricWriter:
             return
         records = read_metrics(os.path.dirname(self.path))
         keep = [r for r in records if r.get("stage") != self.stage or r["step"] < step
-                or (r["step"] == step and "ce_loss" in r)]
+                or (r["step"] == step and any(k in r for k in TRAINING_KEYS))]
         if len(keep) == len(records):
             return
         with open(self.path + ".tmp", "w") as f:
@@ -58,6 +58,10 @@ class MetricWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+# A record holding one of these is a training step's (stage 1/2: ce_loss; stage 0: tower_loss).
+TRAINING_KEYS = ("ce_loss", "tower_loss")
 
 
 def read_metrics(workdir: str) -> list[dict]:

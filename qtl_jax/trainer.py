@@ -1,8 +1,9 @@
 """`train_and_evaluate(config, workdir)`: the split training recipe, read top to bottom (SPEC §4).
 
 Sections: checks -> data -> model -> optimizer -> stage (split runtime, checkpoint/resume, loop, evaluation,
-export, summary) -> the whole recipe. `finetune` with an empty `init_from` first runs `pretrain` into
-`workdir/pretrain`, so one command does the whole recipe.
+export, summary) -> stage 0 -> the whole recipe. `finetune` with an empty `init_from` first runs `pretrain` into
+`workdir/pretrain`, so one command does the whole recipe; with `tower.steps` > 0, stage 1 with an empty
+`init_from` first runs stage 0 (`qtl_jax.tower`: the client pretrains its vision tower) into `workdir/tower`.
 
 Every stage folder holds its config (`config.json`), checkpoints, `metrics.jsonl` and `summary.json`; a rerun
 with the same workdir resumes where the newest checkpoint left off, and refuses a different config.
@@ -23,7 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from qtl_jax import checkpoint
+from qtl_jax import checkpoint, tower
 from qtl_jax import evaluate as evaluation
 from qtl_jax.compress import COMPRESSORS, make_codec
 from qtl_jax.compress.entropy import code_usage
@@ -110,7 +111,14 @@ def check_config(config: ml_collections.ConfigDict, name: str = "config", data: 
         if data and not os.path.isfile(os.path.expanduser(file)):
             raise FileNotFoundError(f"{name}.data.eval_files: {eval_name}={file!r} does not exist")
     if config.init_from and not os.path.isdir(os.path.join(config.init_from, "checkpoints")):
-        raise FileNotFoundError(f"{name}.init_from: {config.init_from!r} holds no checkpoints/ of a stage-1 run")
+        previous = "stage-1" if config.stage == "finetune" else "stage-0 (tower)"
+        raise FileNotFoundError(f"{name}.init_from: {config.init_from!r} holds no checkpoints/ of a {previous} run")
+    if "tower" in config:
+        if config.tower.steps < 0:
+            raise ValueError(f"{name}.tower.steps must be >= 0, got {config.tower.steps}")
+        if config.tower.steps and config.tower.batch_size < 2:
+            raise ValueError(f"{name}.tower.batch_size must be >= 2 (the sigmoid loss contrasts the pairs of a "
+                             f"batch), got {config.tower.batch_size}")
 
 
 # -------------------------------------------------------------------------------------------------- data
@@ -132,10 +140,10 @@ def train_source(config):
     data_dir = os.path.expanduser(config.data.data_dir)
     if config.data.dataset == "shapes":
         builder, _ = builders.prepare_shapes(data_dir, config.data.shapes_config)
-        split = "pretrain" if config.stage == "pretrain" else "train"
+        split = "train" if config.stage == "finetune" else "pretrain"  # stage 0 reads stage 1's captions
     elif config.data.dataset == "digits":
         folder = digits.build(os.path.join(data_dir, "digits"))
-        file = "pretrain.json" if config.stage == "pretrain" else "train.json"
+        file = "train.json" if config.stage == "finetune" else "pretrain.json"
         builder = builders.prepare_llava(data_dir, os.path.join(folder, file), folder, config.data.on_bad_sample,
                                          template=config.data.template)
         split = "train"
@@ -305,6 +313,16 @@ def remote_crossing(config, model_cfg: T.TinyLlavaConfig, vocab_size: int, num_s
                           downlink=config.split.downlink)
 
 
+def init_from_previous(config, params: dict) -> dict:
+    """`params` with what the stage takes over from `config.init_from`: stage 1 the vision tower of stage 0,
+    stage 2 everything of stage 1 (parts it does not have, e.g. the text compressor when it sends token ids,
+    are left out)."""
+    loaded = checkpoint.final_params(config.init_from)
+    if config.stage == "pretrain":
+        return convert.merge_params(params, tower.vision_tower(loaded["client"]))
+    return convert.merge_params(params, loaded, ignore_extra=True)
+
+
 def _interrupted(config, step: int, total: int) -> bool:
     return bool(config.stop_after) and config.stop_after <= step < total
 
@@ -333,9 +351,8 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
     tokenizer = load_tokenizer(tok_dir)
     model_cfg = model_config(config, len(tokenizer))
     params, boxed = init_params(config, model_cfg, dtype, log)
-    if config.stage == "finetune" and config.init_from:
-        # Parts stage 2 does not have (e.g. the text compressor when it sends token ids) are left out.
-        params = convert.merge_params(params, checkpoint.final_params(config.init_from), ignore_extra=True)
+    if config.init_from:
+        params = init_from_previous(config, params)
 
     epochs, num_steps = step_budget(config, len(source))
     pipe = pipeline.PipelineConfig(
@@ -469,15 +486,89 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
     return summary
 
 
+# ------------------------------------------------------------------------------------------------ stage 0
+def tower_config(config, vocab_size: int) -> tower.TowerConfig:
+    t = config.tower
+    return tower.TowerConfig(model_config(config, vocab_size).vision, vocab_size, t.max_text_len, t.text_depth,
+                             t.embed_dim)
+
+
+def train_tower_stage(config, workdir: str, log=print) -> dict:
+    """Stage 0 in `workdir`: `config.tower.steps` steps of SigLIP's sigmoid loss on stage 1's image-caption pairs
+    (`qtl_jax.tower`), on this process's default device; checkpointed and resumed like the other stages (the
+    client's state and the data position). Returns its summary (also written to summary.json)."""
+    check_config(config)
+    _check_resume(config, workdir)
+    checkpoint.save_config(workdir, config)
+    t = config.tower
+    num_steps = min(t.steps, config.optim.max_steps) if config.optim.max_steps else t.steps
+    source, data = train_source(config)
+    tok_dir = tokenizer_dir(config)
+    tower_cfg = tower_config(config, len(load_tokenizer(tok_dir)))
+    per_epoch = len(source) // t.batch_size
+    if not per_epoch:
+        raise ValueError(f"config.tower.batch_size: {len(source)} image-caption pairs make no batch of "
+                         f"{t.batch_size}")
+    pipe = pipeline.PipelineConfig(
+        template=config.data.template, batch_size=t.batch_size, image_size=tower_cfg.vision.image_size,
+        image_tokens=model_config(config, tower_cfg.vocab_size).image_tokens, max_length=config.data.max_length,
+        buckets=tuple(config.data.buckets), seed=config.seed, num_epochs=math.ceil(num_steps / per_epoch),
+        worker_count=config.data.worker_count, on_bad_sample=config.data.on_bad_sample)
+    tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
+                     optax.adamw(lr_schedule(t.lr, t.warmup_ratio, num_steps), weight_decay=t.weight_decay,
+                                 mask=_decay_mask))
+    params = tower.init(tower_cfg, config.seed)
+    state = {"params": params, "opt_state": tx.init(params)}
+    step_fn = tower.make_step(tower_cfg, tx)
+    iterator = iter(pipeline.make_loader(source, tok_dir, pipe))
+    ckpt = checkpoint.manager(workdir)
+    writer = MetricWriter(workdir, config.stage)
+    try:
+        saved = checkpoint.finished_steps(ckpt)
+        step = saved[-1] if saved else 0
+        if step:
+            trees, iterator_state, _ = checkpoint.restore_trees(ckpt, step, {"client": state}, data)
+            state = trees["client"]
+            iterator.set_state(iterator_state)
+        writer.truncate(step)
+        logged = {}
+        while step < num_steps and not _interrupted(config, step, num_steps):
+            batch = next(iterator)
+            ids, lengths, positives = tower.captions(batch["labels"], t.max_text_len)
+            state["params"], state["opt_state"], metrics = step_fn(state["params"], state["opt_state"],
+                                                                   batch["images"], ids, lengths, positives)
+            step += 1
+            if step % config.log_every == 0 or step == num_steps:
+                logged = {k: float(v) for k, v in metrics.items()}
+                writer.write(step, **{f"tower_{k}": v for k, v in logged.items()})
+            if step % config.checkpoint_every == 0 or step == num_steps or _interrupted(config, step, num_steps):
+                checkpoint.save_trees(ckpt, step, {"client": state}, iterator.get_state(), {}, data)
+    finally:
+        writer.close()
+        ckpt.close()
+    if _interrupted(config, step, num_steps):
+        return {"stage": config.stage, "steps": step, "interrupted": True}
+    summary = {"stage": config.stage, "steps": step, "samples": step * t.batch_size,
+               **{f"final_{k}": v for k, v in logged.items()}}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------- recipe
 def stage1_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Stage 1 of `configs/finetune.py`: its own `stage1` section, with the shared fields of stage 2.
 
     Shared: the data fields but `STAGE_DATA_FIELDS` (each stage keeps its own annotation file, image folder,
-    template and evaluation files), the model, compressor and split sections, seed, stop/log/checkpoint
-    cadence and `optim.max_steps`. Everything else in `stage1` is stage 1's own."""
+    template and evaluation files), the model, compressor, split and tower (stage 0) sections, seed,
+    stop/log/checkpoint cadence and `optim.max_steps`. Everything else in `stage1` is stage 1's own."""
     stage1 = ml_collections.ConfigDict(config.stage1.to_dict())
-    for section in ("data", "model", "compressor", "split"):
+    for section in ("data", "model", "compressor", "split", "tower"):
+        if section not in config:  # a config saved before the section existed
+            continue
+        if section not in stage1:
+            stage1[section] = ml_collections.ConfigDict()
         for key, value in config[section].items():
             if not (section == "data" and key in STAGE_DATA_FIELDS):
                 stage1[section][key] = value
@@ -495,23 +586,38 @@ def _check_resume(config, stage_dir: str) -> None:
 
 def stage_plan(config: ml_collections.ConfigDict, workdir: str, data: bool = True) -> list[tuple]:
     """[(stage config, stage folder)] of a run: stage 1 then stage 2 when finetuning without init_from, else
-    the one stage. Checks every stage's config (`data=False`: the server, which has no data) and refuses a
-    folder that holds a run with another config."""
-    stages = []
+    the one stage; stage 0 ("tower") first when a stage 1 without init_from has `tower.steps` > 0. Checks every
+    stage's config (`data=False`: the server, which has no data and takes no part in stage 0, so its plan leaves
+    stage 0 out) and refuses a folder that holds a run with another config."""
     check_config(config, data=data)  # the fields as the user set them (stage 1 shares most of them)
     if config.stage == "finetune" and not config.init_from:
         if "stage1" not in config:
             raise ValueError("config.init_from is empty and the config has no stage1 section to run first")
+        stage1 = stage1_config(config)
+        check_config(stage1, "config.stage1", data=data)
         stage1_dir = os.path.join(workdir, "pretrain")
-        stages.append((stage1_config(config), stage1_dir))
-        check_config(stages[0][0], "config.stage1", data=data)
+        stages = _with_stage0(stage1, stage1_dir, workdir, data)
         config = ml_collections.ConfigDict(config.to_dict())
         config.init_from = stage1_dir
         del config["stage1"]
-    stages.append((config, os.path.join(workdir, config.stage)))
+        stages.append((config, os.path.join(workdir, config.stage)))
+    else:
+        stages = _with_stage0(config, os.path.join(workdir, config.stage), workdir, data)
     for stage_config, stage_dir in stages:
         _check_resume(stage_config, stage_dir)
     return stages
+
+
+def _with_stage0(config, stage_dir: str, workdir: str, data: bool) -> list[tuple]:
+    """[(config, stage_dir)], or stage 0 into WORKDIR/tower and then this stage 1 starting from it."""
+    if config.stage != "pretrain" or config.init_from or not data or not config.get("tower", {}).get("steps"):
+        return [(config, stage_dir)]
+    tower_dir = os.path.join(workdir, "tower")
+    stage0 = ml_collections.ConfigDict(config.to_dict())
+    stage0.stage = "tower"
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.init_from = tower_dir
+    return [(stage0, tower_dir), (config, stage_dir)]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -525,7 +631,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     checkpoint.save_config(workdir, full)
     summaries = []
     for stage_config, stage_dir in stages:
-        summaries.append(train_stage(stage_config, stage_dir))
+        run = train_tower_stage if stage_config.stage == "tower" else train_stage
+        summaries.append(run(stage_config, stage_dir))
         if summaries[-1].get("interrupted"):
             break
     _print_summary(summaries)
@@ -539,6 +646,10 @@ def _print_summary(summaries) -> None:
     for s in summaries:
         if s.get("interrupted"):
             print(f"\n[{s['stage']}] stopped at step {s['steps']} (stop_after); run again to resume")
+            continue
+        if s["stage"] == "tower":
+            print(f"\n[tower] {s['steps']} steps of SigLIP's sigmoid loss on {s['samples']} image-caption pairs: "
+                  f"loss {s.get('final_loss', float('nan')):.3f}, batch retrieval {s.get('final_retrieval', 0):.3f}")
             continue
         print(f"\n[{s['stage']}] {s['steps']} steps, {s['samples']} samples"
               + (f", {s['skipped_samples']} skipped" if s.get("skipped_samples") else ""))

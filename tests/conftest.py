@@ -18,8 +18,9 @@ import pytest  # noqa: E402
 
 
 def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
-    """The tiny preset on the smoke-sized Shapes-VQA, 3 steps a stage, 8 examples evaluated, 2 + 4 devices;
-    `overrides` as {"section.field": value}. The tfds folder is shared by the session (generated once)."""
+    """The tiny preset on the smoke-sized Shapes-VQA, 3 steps a stage (stage 0 too, when on), 8 examples evaluated,
+    2 + 4 devices; `overrides` as {"section.field": value}.
+    The tfds folder is shared by the session (generated once)."""
     from configs.finetune import get_config as finetune_config
     from configs.pretrain import get_config as pretrain_config
 
@@ -31,7 +32,8 @@ def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
     if "stage1" in config:
         config.stage1.optim.batch_size = 4
         config.stage1.optim.min_steps = 0
-    config.optim.max_steps = 3
+    config.optim.max_steps = 3  # stage 0 too
+    config.tower.batch_size = 8  # the smoke set has 32 captions
     config.log_every = 1
     config.eval.max_examples = 8
     config.eval.batch_size = 8
@@ -48,8 +50,8 @@ def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory):
-    """Both stages of `smoke_config`, meshes mode, trained once per session: (workdir, summary). Tests that
-    read a trained run (trainer, evaluation, probe, notebooks, privacy) share it; none may modify it."""
+    """Both stages of `smoke_config`, meshes mode, trained once per session: (workdir, summary).
+    Tests that read a trained run (trainer, evaluation, probe, notebooks, privacy) share it; none may modify it."""
     from qtl_jax import trainer
 
     workdir = tmp_path_factory.mktemp("run")

@@ -171,6 +171,44 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path_factory, tmp_path):
     assert steps == [1, 2, 4]  # step 3 was logged before the "kill", then dropped and not logged again (log 2)
 
 
+def test_stage_zero_then_stage_one_from_its_frozen_tower_and_resume(tmp_path_factory, tmp_path):
+    frozen = ("connector", "compressors", "token_embeddings", "language_model")
+    overrides = {"tower.steps": 4, "optim.max_steps": 4, "checkpoint_every": 2, "split.mode": "single",
+                 "optim.trainable": frozen}
+    config = _config(tmp_path_factory, "pretrain", **overrides)
+    full = tmp_path / "full"
+    (stage0, tower_dir), (stage1, stage1_dir) = trainer.stage_plan(config, str(full))
+    assert (stage0.stage, stage1.stage, stage1.init_from) == ("tower", "pretrain", tower_dir)
+    assert (tower_dir, stage1_dir) == (str(full / "tower"), str(full / "pretrain"))
+    trainer.train_and_evaluate(config, str(full))
+    stages = json.loads((full / "summary.json").read_text())
+    assert [(s["stage"], s["steps"]) for s in stages] == [("tower", 4), ("pretrain", 4)]
+    assert np.isfinite(stages[0]["final_loss"]) and 0 <= stages[0]["final_retrieval"] <= 1
+    # Stage 1 starts from stage 0's vision tower and, frozen, keeps it; the rest of the client trains.
+    tower = checkpoint.final_params(tower_dir)["client"]
+    stage1_client = checkpoint.final_params(stage1_dir)["client"]
+    jax.tree.map(np.testing.assert_array_equal, tower["vision_tower"], stage1_client["vision_tower"])
+    assert set(tower) == {"vision_tower", "image_head", "image_projection", "text_tower", "text_projection",
+                          "logit_scale", "logit_bias"}
+    # Killed in stage 0 after logging step 3, before its checkpoint: the same command resumes from step 2 and
+    # ends where the uninterrupted run ended, stage 1 included.
+    killed = tmp_path / "killed"
+    assert trainer.train_and_evaluate(_config(tmp_path_factory, "pretrain", **overrides, stop_after=3),
+                                      str(killed))["interrupted"]
+    assert checkpoint.latest_step(str(killed / "tower")) == 3 and not (killed / "pretrain").exists()
+    shutil.rmtree(killed / "tower" / "checkpoints" / "3")
+    assert trainer.train_and_evaluate(config, str(killed))["steps"] == 4
+    for stage in ("tower", "pretrain"):
+        jax.tree.map(np.testing.assert_array_equal, checkpoint.final_params(str(full / stage)),
+                     checkpoint.final_params(str(killed / stage)))
+    records = [r for r in read_metrics(str(killed / "tower")) if "tower_loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    np.testing.assert_array_equal([r["tower_loss"] for r in records],
+                                  [r["tower_loss"] for r in read_metrics(tower_dir) if "tower_loss" in r])
+    # The server of a networked run has no data and no part in stage 0: its plan starts at stage 1.
+    assert [c.stage for c, _ in trainer.stage_plan(config, str(tmp_path / "server"), data=False)] == ["pretrain"]
+
+
 def test_only_fields_that_change_training_block_a_resume():
     saved = finetune_config()
     current = finetune_config()

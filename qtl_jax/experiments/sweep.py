@@ -42,7 +42,8 @@ DATASETS = ("shapes", "digits")
 # Compressor name -> config overrides (beyond compressor.image / compressor.text = the codec).
 VARIANTS = {"rd_fsq_cosine": ("rd_fsq", {"compressor.commitment": "cosine"})}
 CODECS = ("none_fp16", "none_bf16", "none_fp32", "rd_fsq", "fsq_tanh", "nf")
-QUICK = {"data.shapes_config": "smoke", "optim.max_steps": 6, "eval.max_examples": 16, "log_every": 2}
+QUICK = {"data.shapes_config": "smoke", "tower.batch_size": 8, "optim.max_steps": 6, "eval.max_examples": 16,
+         "log_every": 2}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,13 +96,15 @@ class SiglipAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
+        """x: float[B, L, width]; kv_lengths: int32[B] or None: keys at index >= the row's length are masked
+        (right-padded text in `qtl_jax.tower`; the vision tower has no padding)."""
         cfg = self.config
         head_dim = cfg.width // cfg.num_heads
         proj = lambda name: dense(cfg.width, ("embed", "heads"), name=name, dtype=self.dtype)
         split = lambda t: t.reshape(*t.shape[:-1], cfg.num_heads, head_dim)
         q, k, v = (split(proj(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v).reshape(*x.shape[:-1], cfg.width)
+        out = attention(q, k, v, kv_lengths=kv_lengths).reshape(*x.shape[:-1], cfg.width)
         return dense(cfg.width, ("heads", "embed"), name="out_proj", dtype=self.dtype)(out)
 
 
@@ -111,10 +113,10 @@ class SiglipEncoderLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, kv_lengths: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         h = layer_norm(cfg.layer_norm_eps, "layer_norm1")(x).astype(self.dtype)
-        x = x + SiglipAttention(cfg, self.dtype, name="self_attn")(h)
+        x = x + SiglipAttention(cfg, self.dtype, name="self_attn")(h, kv_lengths)
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2")(x).astype(self.dtype)
         h = dense(cfg.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(h)
         h = nn.gelu(h, approximate=True)  # SigLIP: gelu_pytorch_tanh

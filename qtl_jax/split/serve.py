@@ -56,7 +56,6 @@ def config_stages(config, workdir: str, log=print):
     import jax.numpy as jnp
 
     from qtl_jax import checkpoint, trainer
-    from qtl_jax.models import convert
     from qtl_jax.split.remote.server import StageHalf, Stages
     from qtl_jax.split.runtime import SplitConfig, SplitTrainer
 
@@ -75,8 +74,8 @@ def config_stages(config, workdir: str, log=print):
             model_cfg = trainer.model_config(c, vocab_size)
             dtype = jnp.dtype(c.model.dtype)
             params, boxed = trainer.init_params(c, model_cfg, dtype, log)
-            if c.stage == "finetune" and c.init_from:
-                params = convert.merge_params(params, checkpoint.final_params(c.init_from), ignore_extra=True)
+            if c.stage == "finetune" and c.init_from:  # stage 1's server half (stage 0 is the client's alone)
+                params = trainer.init_from_previous(c, params)
             _, tx_server = trainer.build_optimizers(c, num_steps)
             split = dataclasses.replace(SplitConfig.from_config(c.split), mode="meshes")
             half = SplitTrainer(model_cfg, split, None, tx_server, params, dtype=dtype, boxed_like=boxed,
