@@ -90,9 +90,8 @@ def _generate_on_device(model: OpenELM, params, prompt, lengths, rng, embed_para
     def body(state):
         t, last, cache, out, done = state
         rows = _embed_tokens(model, params, embed_fn, embed_params, last[:, None])
-        logits, cache = model.apply({"params": params}, inputs_embeds=rows, positions=(lengths + t)[:, None],
-                                    cache=cache)
-        last, out, done = emit(t + 1, logits[:, 0], out, done)
+        logits, cache = _decode_step(model, params, cache, rows, lengths + t)  # the host loop's step, inlined
+        last, out, done = emit(t + 1, logits, out, done)
         return t + 1, last, cache, out, done
 
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
