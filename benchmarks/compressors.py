@@ -21,6 +21,7 @@ import platform
 import jax
 import numpy as np
 import torch
+from peers import rd_fsq_scale
 from timing import timed
 
 import qtl_jax.compress as C
@@ -39,9 +40,7 @@ def torch_unpack2(packed: torch.Tensor, shape) -> torch.Tensor:
 
 
 def torch_rd_fsq_client(x: torch.Tensor) -> torch.Tensor:
-    mean, std = x.mean(), x.std()
-    lo, hi = mean - 3 * std, mean + 3 * std
-    u = 2 * (torch.clamp(x, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
+    u = rd_fsq_scale(x)
     idx = torch.round(u * 1.5 - 0.5) + 2.0
     return torch_pack2(idx.to(torch.uint8))
 

@@ -1,4 +1,5 @@
-"""The PyTorch peers the benchmark scripts share: openelm-pytorch as it must be called, and its weights in JAX."""
+"""The PyTorch peers the benchmark scripts share: openelm-pytorch as it must be called, and its weights in JAX;
+RD-FSQ's scaling as the paper's code computes it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import jax
 import torch
 
 from qtl_jax.models import convert
+
+
+def rd_fsq_scale(z: torch.Tensor, width: float = 3.0) -> torch.Tensor:
+    """RD-FSQ's scaler in torch, as the paper's code: one mean and std over the whole batch, clip at `width` std,
+    map to [-1, 1] (with its 1e-4 offsets)."""
+    mean, std = z.mean(), z.std()
+    lo, hi = mean - width * std, mean + width * std
+    return 2 * (torch.clamp(z, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
 
 
 def openelm_torch(cfg, seed: int = 0, with_jax: bool = True):

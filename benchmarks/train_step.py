@@ -98,7 +98,7 @@ def run_jax(args, mode: str, root: str) -> dict:
 # --------------------------------------------------------------------------------------------------- torch
 def torch_model(cfg, vocab: int):
     import torch
-    from peers import openelm_torch
+    from peers import openelm_torch, rd_fsq_scale
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
     v = cfg.vision
@@ -107,9 +107,7 @@ def torch_model(cfg, vocab: int):
     def rd_fsq(z, bits: int = 2, width: float = 3.0):
         """The paper's RD-FSQ in torch: one mean and std over the batch, clip at 3 std, scale to [-1, 1], round to
         2^bits levels with a straight-through gradient; the cosine commitment."""
-        mean, std = z.mean(), z.std()
-        lo, hi = mean - width * std, mean + width * std
-        u = 2 * (torch.clamp(z, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
+        u = rd_fsq_scale(z, width)
         half = (2**bits - 1) / 2
         q = torch.round((u + 1) * half) / half - 1
         q = u + (q - u).detach()
