@@ -497,6 +497,10 @@ def train_tower_stage(config, workdir: str, log=print) -> dict:
     """Stage 0 in `workdir`: `config.tower.steps` steps of SigLIP's sigmoid loss on stage 1's image-caption pairs
     (`qtl_jax.tower`), on this process's default device; checkpointed and resumed like the other stages (the
     client's state and the data position). Returns its summary (also written to summary.json)."""
+    if jax.process_count() > 1:  # each process would train its own tower on its own shard of the data
+        raise ValueError(f"config.tower.steps: stage 0 runs in a single process, this is one of "
+                         f"{jax.process_count()}; set tower.steps=0 here and give stage 1 (init_from) the tower "
+                         f"folder of a one-process run")
     check_config(config)
     _check_resume(config, workdir)
     checkpoint.save_config(workdir, config)
