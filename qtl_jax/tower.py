@@ -29,10 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qtl_jax.data.templates import IGNORE_INDEX
 from qtl_jax.layers import INIT_STD, attention, dense, layer_norm
 from qtl_jax.models.siglip import SiglipConfig, SiglipEncoderLayer, SiglipVisionTower
-
-IGNORE_INDEX = -100
 
 
 @dataclasses.dataclass(frozen=True)

@@ -481,18 +481,11 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
             summary[f"{name}_accuracy"] = scores["accuracy"]
             writer.write(step, **{f"{name}_accuracy_{k}": v for k, v in scores["accuracy"].items()})
     if primary:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        _write_summary(workdir, summary)
     return summary
 
 
 # ------------------------------------------------------------------------------------------------ stage 0
-def tower_config(config, vocab_size: int) -> tower.TowerConfig:
-    t = config.tower
-    return tower.TowerConfig(model_config(config, vocab_size).vision, vocab_size, t.max_text_len, t.text_depth,
-                             t.embed_dim)
-
-
 def train_tower_stage(config, workdir: str, log=print) -> dict:
     """Stage 0 in `workdir`: `config.tower.steps` steps of SigLIP's sigmoid loss on stage 1's image-caption pairs
     (`qtl_jax.tower`), on this process's default device; checkpointed and resumed like the other stages (the
@@ -508,14 +501,16 @@ def train_tower_stage(config, workdir: str, log=print) -> dict:
     num_steps = min(t.steps, config.optim.max_steps) if config.optim.max_steps else t.steps
     source, data = train_source(config)
     tok_dir = tokenizer_dir(config)
-    tower_cfg = tower_config(config, len(load_tokenizer(tok_dir)))
+    vocab_size = len(load_tokenizer(tok_dir))
+    model_cfg = model_config(config, vocab_size)  # its vision tower is what stage 0 trains
+    tower_cfg = tower.TowerConfig(model_cfg.vision, vocab_size, t.max_text_len, t.text_depth, t.embed_dim)
     per_epoch = len(source) // t.batch_size
     if not per_epoch:
         raise ValueError(f"config.tower.batch_size: {len(source)} image-caption pairs make no batch of "
                          f"{t.batch_size}")
     pipe = pipeline.PipelineConfig(
         template=config.data.template, batch_size=t.batch_size, image_size=tower_cfg.vision.image_size,
-        image_tokens=model_config(config, tower_cfg.vocab_size).image_tokens, max_length=config.data.max_length,
+        image_tokens=model_cfg.image_tokens, max_length=config.data.max_length,
         buckets=tuple(config.data.buckets), seed=config.seed, num_epochs=math.ceil(num_steps / per_epoch),
         worker_count=config.data.worker_count, on_bad_sample=config.data.on_bad_sample)
     tx = optax.chain(optax.clip_by_global_norm(config.optim.grad_clip),
@@ -554,9 +549,7 @@ def train_tower_stage(config, workdir: str, log=print) -> dict:
         return {"stage": config.stage, "steps": step, "interrupted": True}
     summary = {"stage": config.stage, "steps": step, "samples": step * t.batch_size,
                **{f"final_{k}": v for k, v in logged.items()}}
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+    _write_summary(workdir, summary)  # stage 0 runs in one process only
     return summary
 
 
@@ -641,9 +634,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             break
     _print_summary(summaries)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summaries, f, indent=2)
+        _write_summary(workdir, summaries)
     return summaries[-1]
+
+
+def _write_summary(folder: str, summary) -> None:
+    with open(os.path.join(folder, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def _print_summary(summaries) -> None:
