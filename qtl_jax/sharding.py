@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -87,3 +88,14 @@ def param_shardings(boxed_params, mesh: Mesh, rules=RULES):
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def to_host(tree):
+    """Host (numpy) copies of a tree of arrays. Arrays that span several processes (a multi-process server,
+    `qtl_jax.split.multihost`) are gathered: a collective, which every process calls in the same order."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+
+    return jax.tree.map(one, tree)

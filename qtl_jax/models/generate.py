@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qtl_jax.models.openelm import OpenELM, init_cache
+from qtl_jax.sharding import to_host
 
 
 def _embed_tokens(model: OpenELM, params, embed_fn, embed_params, tokens):
@@ -156,7 +157,7 @@ def generate(
         out = _generate_on_device(model, params, prompt, lengths, rng, embed_params, embed_fn=embed_fn,
                                   max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                                   temperature=float(temperature))
-        return np.asarray(jax.device_get(out))
+        return to_host(out)
     if input_ids is not None:
         prompt = model.apply({"params": params}, input_ids, method=OpenELM.embed)
     return _host_loop(model, params, prompt, lengths, embed, max_new_tokens, eos_id, pad_id, temperature, rng)
@@ -172,7 +173,7 @@ def _host_loop(model: OpenELM, params, embeds, lengths, embed, max_new_tokens: i
     done = np.zeros(batch, bool)
     for t in range(max_new_tokens):
         key = None if rng is None else jax.random.fold_in(rng, t)
-        tokens = np.asarray(_choose(logits, temperature, key))
+        tokens = to_host(_choose(logits, temperature, key))  # gathered from every process of a server mesh
         out[:, t] = np.where(done, pad_id, tokens)
         done |= tokens == eos_id
         if done.all() or t == max_new_tokens - 1:

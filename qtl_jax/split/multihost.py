@@ -13,12 +13,16 @@ tensor axes cross the hosts. JAX is multi-controller: every process must run eve
       reply (from the gathered arrays)
 
 What is announced is what process 0 is about to do to the model (build a stage's half, a step on an uplink, a
-save, a restore, a close), never a request: a refused request (bad token, wrong step id, malformed arrays)
+save, a restore, a generation, a close), never a request: a refused request (bad token, wrong step id, malformed arrays)
 changes nothing, so it is not announced and the followers never see it. Announcements are made while holding
 the server's lock, so their order is the order of the operations. The uplink of a step travels in the
 announcement; every process builds the global arrays from the same host arrays with
 `jax.make_array_from_process_local_data` (`runtime.to_mesh`), and the downlink is gathered back to every process
-(`to_host`) before process 0 replies.
+(`sharding.to_host`) before process 0 replies.
+
+A generation is a run of operations: process 0 announces the prompt ("generate"), then, with quantized text
+embeddings, each new token's rows as the client sends them ("token_rows"), or "abort" when the client fails to;
+every token is gathered to every process, so all of them see the same tokens and stop at the same one.
 
 Broadcasts are collectives over the processes' devices (`multihost_utils.broadcast_one_to_all`): on CPU, gloo
 over TCP (the default CPU collectives in jax 0.10.2); on GPUs NCCL, on TPUs the slice's interconnect.
@@ -103,10 +107,16 @@ class Leader:
 
     def announce(self, command: str, payload: bytes = b"", **fields) -> None:
         with self.lock:
-            if self._stopped.is_set():  # nobody would take part in the broadcast: it would wait for ever
-                raise RuntimeError(f"announcing {command!r}: the other server processes have been stopped")
-            broadcast(_encode(command, fields, payload))
-            self.last = time.monotonic()
+            self.announce_for_holder(command, payload, **fields)
+
+    def announce_for_holder(self, command: str, payload: bytes = b"", **fields) -> None:
+        """`announce` from a thread that works for the lock's holder while the holder waits for it (a generation's
+        decode loop, `remote.server.SplitServer.generate`): the holder keeps every other announcement out, and
+        taking the lock here would wait for the holder, which waits for this thread."""
+        if self._stopped.is_set():  # nobody would take part in the broadcast: it would wait for ever
+            raise RuntimeError(f"announcing {command!r}: the other server processes have been stopped")
+        broadcast(_encode(command, fields, payload))
+        self.last = time.monotonic()
 
     def start(self) -> None:
         """Makes the first broadcast at once, then starts the keep-alive (a no-op after `KEEPALIVE_S` without
@@ -128,14 +138,3 @@ class Leader:
             with self.lock:
                 if not self._stopped.is_set() and time.monotonic() - self.last >= KEEPALIVE_S:
                     self.announce("noop")
-
-
-def to_host(tree):
-    """Host (numpy) copies of a tree of arrays. Arrays that span several processes are gathered: a collective,
-    which every process calls in the same order."""
-    def one(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(one, tree)

@@ -3,7 +3,9 @@ devices each, one server mesh (data, fsdp, tensor) = (1, 4, 2) over all 8, so th
 (gloo collectives over loopback). A client here trains 6 steps of stage 1 of the tiny preset over it, and over the
 same server in this one process (8 devices, the same mesh). On the way, the two-process server refuses two bad
 requests (which its other process never sees) and goes back to its step-2 checkpoint for a client that went back
-to its own (an orbax restore on both processes); the replayed steps repeat the first ones bit for bit.
+to its own (an orbax restore on both processes); the replayed steps repeat the first ones bit for bit. At the end
+the client generates through it, each new token's quantized rows a round trip, and gets the tokens its final
+parameters generate in one process.
 
 Tolerance. The two runs compile the same program for the same mesh; what differs is who sums across the fsdp
 axis: gloo between the processes, XLA's in-process collectives here. float32 addition is not associative, so a
@@ -169,6 +171,25 @@ def _stop_group(procs) -> None:
                 p.wait(10)
 
 
+GENERATE = {"max_new_tokens": 4, "eos_id": -1, "pad_id": 0}  # no eos: every token (the server allows 4)
+
+
+def _generation(inference, client_params) -> dict:
+    """A prompt uplink of the client's final parameters and the client's answer for each new token's rows."""
+    batch = _batch(STEPS + 1, inference.vision.image_size)
+    out = T.client_apply(inference, client_params, *(batch[k] for k in ("images", "input_ids", "attention_mask",
+                                                                          "labels")))
+    generation = {"config": inference, "uplink": out.uplink, "moments": out.text_moments, "round_trips": 0}
+
+    def payload(tokens):
+        generation["round_trips"] += 1
+        return T.TinyLlavaClient(inference).apply({"params": client_params}, tokens, out.text_moments,
+                                                  method=T.TinyLlavaClient.token_payload)
+
+    generation["payload"] = payload
+    return generation
+
+
 def _host_state(client: Client):
     """A copy of the client's state on the host (its next steps donate the device buffers)."""
     return jax.tree.map(np.array, jax.device_get(client.trainer.state["client"]))
@@ -217,6 +238,10 @@ def test_a_server_over_two_processes_trains_what_one_process_trains(tmp_path):
         replayed = [client.step(step) for step in range(3, 6)]
         losses.append(client.step(STEPS))
         got_client = jax.device_get(client.trainer.params()["client"])
+        # Generation on the two-process server, each new token's rows from the client (quantized text).
+        generation = _generation(client.model_config.for_inference(), got_client)
+        generated = client.crossing.generate(generation["uplink"], token_payload=generation["payload"],
+                                             **GENERATE)
         client.crossing.client.close()
     finally:
         _stop_group(procs)
@@ -228,3 +253,10 @@ def test_a_server_over_two_processes_trains_what_one_process_trains(tmp_path):
     got_server = checkpoint.final_params(str(tmp_path / "server" / "pretrain"))["server"]
     expected_server = checkpoint.final_params(str(tmp_path / "reference" / "pretrain"))["server"]
     _assert_trees_close(got_server, expected_server, 1e-6, "server")
+    # The tokens the two-process server generated are what its final parameters generate in one process.
+    inference = generation["config"]
+    rows = T.token_rows_fn(inference, {"client": got_client, "server": got_server})
+    expected_tokens = T.server_generate(inference, got_server, generation["uplink"],
+                                        embed=lambda t: rows(t, generation["moments"]), **GENERATE)
+    np.testing.assert_array_equal(generated, expected_tokens)
+    assert generation["round_trips"] == GENERATE["max_new_tokens"] - 1  # every token's rows crossed but the last

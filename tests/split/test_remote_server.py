@@ -636,6 +636,47 @@ def test_fuzz_malformed_messages(model, served, channel):
         crossing.client.close()
 
 
+# ------------------------------------------------------------------------------------------------ generation
+def test_a_generation_the_client_fails_ends_with_its_status_and_frees_the_model(model, served, monkeypatch):
+    """With quantized text rows the server waits for the client's rows of each new token. A client that sends
+    malformed rows, closes its stream or stops answering gets INVALID_ARGUMENT, CANCELLED or DEADLINE_EXCEEDED
+    after the first token; each time the generation's decode loop ends and the model is free: the client's next
+    training step is served at once."""
+    from qtl_jax.split.remote import server as S
+
+    monkeypatch.setattr(S, "TOKEN_WAIT_S", 1.0)
+    trainer, crossing = _client(model, served.address, "frank")
+    try:
+        prompt = pb.GenerateRequest(session_id=crossing.session_id, batch_size=2, text_length=10, max_new_tokens=4,
+                                    eos_id=-1, uplink=arrays_to_proto(wire.to_arrays(_uplink(trainer, _batch(3)))))
+        raw = prompt.SerializeToString()
+        call = lambda requests: crossing.client.channel.stream_stream(f"/{SERVICE}/Generate")(
+            requests, timeout=TIMEOUT, metadata=_md("frank"))
+        silent = threading.Event()
+
+        def stops_answering():
+            yield raw
+            silent.wait(TIMEOUT)  # holds the stream open without sending the rows
+
+        cases = [("malformed rows", iter([raw, pb.GenerateRequest(token_rows=[]).SerializeToString()]), INVALID),
+                 ("stream closed", iter([raw]), grpc.StatusCode.CANCELLED),
+                 ("no answer", stops_answering(), grpc.StatusCode.DEADLINE_EXCEEDED)]
+        for step, (what, requests, expected) in enumerate(cases, start=1):
+            replies = []
+            with pytest.raises(grpc.RpcError) as err:
+                for reply in call(requests):
+                    replies.append(pb.GenerateReply.FromString(reply))
+            assert err.value.code() == expected, (what, err.value.details())
+            assert len(replies) == 1 and not replies[0].final, what  # the first token, then the failure
+            start = time.monotonic()
+            trainer.step(_batch(step), step)  # the model is free again
+            assert time.monotonic() - start < TIMEOUT, what
+            assert served.core.sessions[crossing.session_id].last_step == step
+    finally:
+        silent.set()
+        crossing.client.close()
+
+
 # --------------------------------------------------------------------------------------------- two clients
 def test_two_clients_share_the_server_half(model):
     cfg = model[0]

@@ -42,12 +42,12 @@ import jax
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from qtl_jax import checkpoint
+from qtl_jax import checkpoint, sharding
 from qtl_jax.models import tinyllava as T
 from qtl_jax.split import multihost, wire
 from qtl_jax.split.remote import protocol_pb2 as pb
 from qtl_jax.split.remote import security
-from qtl_jax.split.runtime import SplitTrainer
+from qtl_jax.split.runtime import SplitTrainer, to_mesh
 
 SERVICE = "qtl_jax.split.Split"
 # The longest a generation may wait for the client's next token rows.
@@ -158,8 +158,45 @@ class StageHalf:
                                      uplink=arrays_to_proto(wire.to_arrays(uplink)))
             self.leader.announce("step", request.SerializeToString())
         ce, _, downlink = self.trainer.server_step(uplink)
-        ce, downlink = multihost.to_host((ce, downlink))
+        ce, downlink = sharding.to_host((ce, downlink))
         return float(ce), downlink
+
+    def generate(self, request: pb.GenerateRequest, uplink, next_rows: Callable | None) -> np.ndarray:
+        """Answers for a checked prompt (`request`, its `uplink` decoded): int32[B, max_new_tokens] on the host.
+        With quantized text embeddings every new token's rows come from `next_rows(tokens int32[B, 1])`, which
+        returns the checked GenerateRequest that carries them (or raises: the generation ends there).
+
+        On a multi-process server every process runs it, in lockstep: process 0 announces the prompt and then each
+        token's rows, or "abort" when `next_rows` fails; the followers' `next_rows` receives them. The prompt and
+        the rows enter the mesh as every step's uplink does (`runtime.to_mesh`), and each token is gathered to
+        every process (`sharding.to_host`, inside `generate`)."""
+        if self.leader is not None:
+            self.leader.announce_for_holder("generate", request.SerializeToString())
+        cfg = self.model_config.for_inference()
+        mesh = self.trainer.meshes["server"]
+        multi = jax.process_count() > 1  # one process: the host arrays go in as they are (placed by jit)
+        place = (lambda tree: to_mesh(tree, mesh)) if multi else (lambda tree: tree)
+        params = self.trainer.params()["server"]
+        embed = None
+        if cfg.quantized_text:
+            template = wire.token_rows_template(cfg, int(request.batch_size))
+            rows = self.token_rows()
+
+            def embed(tokens):
+                try:
+                    rows_request = next_rows(np.asarray(tokens))
+                except Exception:
+                    if self.leader is not None:
+                        self.leader.announce_for_holder("abort")
+                    raise
+                if self.leader is not None:
+                    self.leader.announce_for_holder("token_rows", rows_request.SerializeToString())
+                payload = wire.from_arrays(template, arrays_from_proto(rows_request.token_rows), "token rows")
+                return rows(params, place(payload))
+
+        return T.server_generate(cfg, params, place(uplink), self.trainer.dtype,
+                                 max_new_tokens=request.max_new_tokens, eos_id=request.eos_id,
+                                 pad_id=request.pad_id, embed=embed)
 
     def close(self) -> None:
         self._announce("close")
@@ -392,7 +429,12 @@ class SplitServer:
     # -- evaluation ----------------------------------------------------------------------------------
     def generate(self, client_id: str, requests: Iterator[pb.GenerateRequest]) -> Iterator[bytes]:
         """Generation on a prompt uplink (the first request); with quantized text embeddings, the rows of every
-        generated token come from the client (one round trip each). Yields serialized GenerateReply."""
+        generated token come from the client (one round trip each). Yields serialized GenerateReply.
+
+        Three threads: this one (holding the lock for the whole generation, so no step and no announcement comes
+        between), a reader of the client's stream, and the decode loop (`StageHalf.generate`), which hands each
+        new token out and waits at most `TOKEN_WAIT_S` for its rows. This one waits for the decode loop to end
+        before it lets go of the lock, whether the generation finishes, fails or the client goes away."""
         first = next(requests, None)
         if first is None:
             _fail(grpc.StatusCode.INVALID_ARGUMENT, "a generation starts with the prompt")
@@ -412,47 +454,58 @@ class SplitServer:
                                           arrays_from_proto(first.uplink), "prompt uplink")
             except wire.WireError as e:
                 _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            params = half.trainer.params()["server"]
-            replies: queue.Queue = queue.Queue()
-            embed = None
-            if cfg.quantized_text:
-                template = wire.token_rows_template(cfg, batch)
-                rows = half.token_rows()
+            incoming: queue.Queue = queue.Queue()  # the client's token-row requests; None: its stream ended
+            replies: queue.Queue = queue.Queue()  # GenerateReply to send, or the exception that ended the work
 
-                def embed(tokens):
-                    replies.put(pb.GenerateReply(tokens=arrays_to_proto(wire.to_arrays(tokens))[0]))
-                    request = next(requests, None)
-                    if request is None:
-                        _fail(grpc.StatusCode.CANCELLED, "the client closed the generation")
-                    payload = wire.from_arrays(template, arrays_from_proto(request.token_rows), "token rows")
-                    return rows(params, payload)
+            def read():
+                try:
+                    for request in requests:
+                        incoming.put(request)
+                except Exception as e:  # a malformed request (RpcFailure) or the stream's own failure
+                    incoming.put(e)
+                incoming.put(None)
+
+            def next_rows(tokens):
+                replies.put(pb.GenerateReply(tokens=arrays_to_proto(wire.to_arrays(tokens))[0]))
+                try:
+                    item = incoming.get(timeout=TOKEN_WAIT_S)
+                except queue.Empty:
+                    _fail(grpc.StatusCode.DEADLINE_EXCEEDED, f"no token rows from the client in {TOKEN_WAIT_S} s")
+                if item is None:
+                    _fail(grpc.StatusCode.CANCELLED, "the client closed the generation")
+                if isinstance(item, Exception):
+                    raise item
+                try:  # checked before the rows are announced to the other processes
+                    wire.from_arrays(wire.token_rows_template(cfg, batch), arrays_from_proto(item.token_rows),
+                                     "token rows")
+                except wire.WireError as e:
+                    _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                return item
 
             def work():
                 try:
-                    tokens = T.server_generate(cfg, params, uplink, half.trainer.dtype,
-                                               max_new_tokens=first.max_new_tokens, eos_id=first.eos_id,
-                                               pad_id=first.pad_id, embed=embed)
+                    tokens = half.generate(first, uplink, next_rows)
                     final = wire.to_arrays(np.asarray(tokens, np.int32))[0]
                     replies.put(pb.GenerateReply(tokens=arrays_to_proto([final])[0], final=True))
                 except Exception as e:  # handed to the stream, which answers it as a status
                     replies.put(e)
 
+            threading.Thread(target=read, daemon=True).start()
             worker = threading.Thread(target=work, daemon=True)
             worker.start()
-            while True:
-                try:
-                    item = replies.get(timeout=TOKEN_WAIT_S)
-                except queue.Empty:
-                    _fail(grpc.StatusCode.DEADLINE_EXCEEDED, f"no token rows from the client in {TOKEN_WAIT_S} s")
-                if isinstance(item, RpcFailure):
-                    raise item
-                if isinstance(item, wire.WireError):
-                    _fail(grpc.StatusCode.INVALID_ARGUMENT, str(item))
-                if isinstance(item, Exception):
-                    _fail(grpc.StatusCode.INTERNAL, f"generation failed: {type(item).__name__}: {item}")
-                yield item.SerializeToString()
-                if item.final:
-                    return
+            try:
+                while True:
+                    item = replies.get()  # the worker always ends: each wait for the client is bounded
+                    if isinstance(item, RpcFailure):
+                        raise item
+                    if isinstance(item, Exception):
+                        _fail(grpc.StatusCode.INTERNAL, f"generation failed: {type(item).__name__}: {item}")
+                    yield item.SerializeToString()
+                    if item.final:
+                        return
+            finally:  # the client went away, or a failure: wake the worker if it waits, and let it finish
+                incoming.put(None)
+                worker.join()
 
     def close(self) -> None:
         with self.lock:
@@ -460,6 +513,20 @@ class SplitServer:
                 self.half.close()
             if self.leader is not None:
                 self.leader.stop()
+
+
+class GenerationAborted(Exception):
+    """On a follower: process 0 ended the generation it announced (the client failed to send a token's rows)."""
+
+
+def _follow_rows(tokens) -> pb.GenerateRequest:
+    """A follower's `next_rows`: the token rows process 0 announces next (already checked there)."""
+    command, _, payload = multihost.receive()
+    if command == "abort":
+        raise GenerationAborted()
+    if command != "token_rows":
+        raise ValueError(f"process {jax.process_index()}: {command!r} from process 0 in the middle of a generation")
+    return pb.GenerateRequest.FromString(payload)
 
 
 def follow(stages: Stages, log: Callable[[str], None] = print) -> None:
@@ -483,6 +550,15 @@ def follow(stages: Stages, log: Callable[[str], None] = print) -> None:
             half.save()
         elif command == "restore":
             half.restore(fields["step"])
+        elif command == "generate":
+            request = pb.GenerateRequest.FromString(payload)
+            cfg = half.model_config.for_inference()
+            uplink = wire.from_arrays(wire.uplink_template(cfg, request.batch_size, request.text_length),
+                                      arrays_from_proto(request.uplink), "prompt uplink")
+            try:
+                half.generate(request, uplink, _follow_rows)
+            except GenerationAborted:
+                pass
         elif command == "close":
             half.close()
         elif command != "noop":
@@ -526,10 +602,6 @@ def _handlers(server: SplitServer) -> grpc.GenericRpcHandler:
 
     def generate(raw_requests, context):
         client_id = _guard(context, lambda: server.authenticate(context.invocation_metadata()))
-        if server.leader is not None:  # generation runs on process 0 alone; its model spans all the processes
-            _guard(context, lambda: _fail(grpc.StatusCode.UNIMPLEMENTED,
-                                          "this server runs as several processes, which do not generate (yet): "
-                                          "evaluate with a single-process server"))
         requests = (_parse(pb.GenerateRequest, raw) for raw in raw_requests)
         stream = server.generate(client_id, requests)
         while True:
