@@ -23,8 +23,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# One worker per core, at most 4 (each holds its own JAX runtime, session fixtures and compilation cache);
+# worksteal keeps both cores busy to the end when the long end-to-end tests come last.
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist worksteal
 
 bench: $(STAMP)
 	$(PY) benchmarks/compressors.py

