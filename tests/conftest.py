@@ -4,14 +4,22 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Identical programs recompile in many tests (every trainer run builds new step functions, the pytest-xdist
+# workers run the same session fixtures, restarted server and client processes compile what they compiled
+# before): one persistent compilation cache for the whole test run turns the repeats into disk reads. Set in
+# the environment, so that the processes the tests start (servers, clients, sweeps, notebook kernels) share it.
+# JAX treats an unreadable entry (one being written by another process) as a miss.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one `pytest -n` run
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"qtl_jax_xla_cache_{_RUN}")
+                      if _RUN else tempfile.mkdtemp(prefix="qtl_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-import jax
+import jax  # noqa: E402  (after the environment above)
 
 jax.config.update("jax_num_cpu_devices", 8)
-# Identical programs recompile in many tests (every trainer run builds new step functions): a persistent
-# compilation cache for the session turns the repeats into disk reads.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="qtl_jax_xla_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 import pytest  # noqa: E402

@@ -134,10 +134,7 @@ def _start_group(tmp_path, procs: list):
     tokens, port_file = tmp_path / "tokens.txt", tmp_path / "port"
     tokens.write_text(f"client0 {TOKEN}\n")
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    if jax.config.jax_compilation_cache_dir:
-        env.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    env = {**os.environ, "PYTHONPATH": ROOT}  # with the test run's compilation cache (conftest)
     for process_id in range(2):
         with open(tmp_path / f"server{process_id}.log", "w") as log:
             procs.append(subprocess.Popen(
