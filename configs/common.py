@@ -130,8 +130,10 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # tiny: ~940 caption steps (3 x 5k captions) teach the tower colour, shape and place; 2 x 20k QA follow.
     c.optim.epochs = (3 if stage == "pretrain" else 2) if tiny else 1
     # At least this many optimizer steps, in as many passes over the data as it takes: the budget follows the
-    # data (tiny: Shapes-VQA's 3 and 2 epochs are 937 and 2500 steps; a small dataset gets more passes).
-    c.optim.min_steps = (930 if stage == "pretrain" else 2500) if tiny else 0
+    # data (tiny: Shapes-VQA's 3 caption epochs are 937 steps, its QA set takes 4 passes to 5000 steps; a small
+    # dataset gets more passes). 2500 QA steps left the LM still learning: its loss still falling, and on
+    # Shapes-VQA fp16 validation accuracy 0.756 / 0.869 / 0.922 over seeds 0-2; 5000 gave 0.965 / 0.986 / 0.950.
+    c.optim.min_steps = (930 if stage == "pretrain" else 5000) if tiny else 0
     c.optim.max_steps = 0  # > 0 caps the number of optimizer steps (quick runs, tests)
     # What trains. The paper freezes the pretrained towers; tiny starts from random weights, so it trains
     # them too in both stages (with stage 0, leave vision_tower out to freeze the pretrained tower).

@@ -331,12 +331,12 @@ def test_evaluation_finds_the_stage_folder(trained, tmp_path):
 
 
 def test_step_budget_follows_the_data():
-    config = finetune_config()  # tiny: 2 epochs, batch 16, at least 2500 steps
-    assert trainer.step_budget(config, 20_000) == (2, 2500)  # Shapes-VQA: 2 epochs are 2500 steps already
-    assert trainer.step_budget(config, 4317) == (10, 2500)  # digits: 269 batches a pass -> 10 passes
+    config = finetune_config()  # tiny: 2 epochs, batch 16, at least 5000 steps
+    assert trainer.step_budget(config, 20_000) == (4, 5000)  # Shapes-VQA: 1250 batches a pass -> 4 passes
+    assert trainer.step_budget(config, 4317) == (19, 5000)  # digits: 269 batches a pass -> 19 passes
     assert trainer.step_budget(config, 200_000) == (2, 25_000)  # big data: the epochs decide
-    config.optim.accum_steps = 2  # 269 micro-batches a pass, 2 per step: 19 passes give >= 5000 micro-batches
-    assert trainer.step_budget(config, 4317) == (19, 2500)
+    config.optim.accum_steps = 2  # 269 micro-batches a pass, 2 per step: 38 passes give >= 10000 micro-batches
+    assert trainer.step_budget(config, 4317) == (38, 5000)
     config.optim.min_steps = 0
     assert trainer.step_budget(config, 4317) == (2, 269)
     assert trainer.step_budget(config, 8) == (2, 0)  # no full batch: the trainer reports it
