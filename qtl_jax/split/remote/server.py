@@ -183,15 +183,15 @@ class StageHalf:
             rows = self.token_rows()
 
             def embed(tokens):
-                try:
+                try:  # decoded (so checked) before the rows are announced to the other processes
                     rows_request = next_rows(np.asarray(tokens))
+                    payload = wire.from_arrays(template, arrays_from_proto(rows_request.token_rows), "token rows")
                 except Exception:
                     if self.leader is not None:
                         self.leader.announce_for_holder("abort")
                     raise
                 if self.leader is not None:
                     self.leader.announce_for_holder("token_rows", rows_request.SerializeToString())
-                payload = wire.from_arrays(template, arrays_from_proto(rows_request.token_rows), "token rows")
                 return rows(params, place(payload))
 
         return T.server_generate(cfg, params, place(uplink), self.trainer.dtype,
@@ -475,18 +475,15 @@ class SplitServer:
                     _fail(grpc.StatusCode.CANCELLED, "the client closed the generation")
                 if isinstance(item, Exception):
                     raise item
-                try:  # checked before the rows are announced to the other processes
-                    wire.from_arrays(wire.token_rows_template(cfg, batch), arrays_from_proto(item.token_rows),
-                                     "token rows")
-                except wire.WireError as e:
-                    _fail(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-                return item
+                return item  # its rows are decoded, so checked, in `StageHalf.generate`
 
             def work():
                 try:
                     tokens = half.generate(first, uplink, next_rows)
                     final = wire.to_arrays(np.asarray(tokens, np.int32))[0]
                     replies.put(pb.GenerateReply(tokens=arrays_to_proto([final])[0], final=True))
+                except wire.WireError as e:  # malformed token rows
+                    replies.put(RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(e)))
                 except Exception as e:  # handed to the stream, which answers it as a status
                     replies.put(e)
 
