@@ -93,6 +93,9 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     c.compressor.commitment = "distortion"
     # RD-FSQ: weight of a code-usage (entropy) term added to the loss term (rd_fsq.usage_loss; 0 = off).
     c.compressor.usage_weight = 0.0
+    # RD-FSQ's statistics: "tensor" (the paper: one mean and 3-sigma range for every channel of a modality) or
+    # "channel" (one per channel: a channel's offset cannot take the others' range; README "Code collapse").
+    c.compressor.scale = "tensor"
 
     c.split = ml_collections.ConfigDict()
     # single | meshes | remote (this process is the client; the server runs `python -m qtl_jax.split.serve`)

@@ -160,7 +160,8 @@ def train_source(config):
 def _codec(config, name: str):
     # Runs saved before the loss term was a field trained with the paper's cosine term.
     options = {"commitment": config.compressor.get("commitment", "cosine"),
-               "usage_weight": config.compressor.get("usage_weight", 0.0)} if name == "rd_fsq" else {}
+               "usage_weight": config.compressor.get("usage_weight", 0.0),
+               "scale": config.compressor.get("scale", "tensor")} if name == "rd_fsq" else {}
     return make_codec(name, config.compressor.bits, **options)
 
 

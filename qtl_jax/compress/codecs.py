@@ -42,6 +42,7 @@ from qtl_jax.compress.payload import Payload
 from qtl_jax.compress.ste import straight_through
 
 STATISTICS = ("batch", "sample")  # RD-FSQ: over the batch's real rows (training), per sample (inference)
+SCALES = ("tensor", "channel")  # RD-FSQ: one mean and std over all channels (the paper), one per channel
 
 
 @flax.struct.dataclass
@@ -154,6 +155,7 @@ class RDFSQ(_LevelCodec):
     name: ClassVar[str] = "rd_fsq"
     width: float = 3.0
     statistics: str = "batch"  # "batch" (training, the paper) or "sample" (inference)
+    scale: str = "tensor"  # "tensor": one mean and std over all channels (the paper); "channel": one per channel
     commitment: str = "distortion"
     usage_weight: float = 0.0  # > 0 adds this times `rd_fsq.usage_loss` (a code-usage term) to the loss term
 
@@ -161,14 +163,18 @@ class RDFSQ(_LevelCodec):
         super().__post_init__()
         if self.statistics not in STATISTICS:
             raise ValueError(f"statistics must be one of {STATISTICS}, got {self.statistics!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {self.scale!r}")
         if self.commitment not in rd_fsq_lib.LOSSES:
             raise ValueError(f"commitment must be one of {rd_fsq_lib.LOSSES}, got {self.commitment!r}")
 
     def moments(self, z, mask=None):
-        return rd_fsq_lib.masked_moments(z, check_mask(mask, z), per_sample=self.statistics == "sample")
+        return rd_fsq_lib.masked_moments(z, check_mask(mask, z), per_sample=self.statistics == "sample",
+                                         per_channel=self.scale == "channel")
 
     def encode(self, z, mask=None, moments=None):
-        return rd_fsq_lib.robust_scale(z, mask, self.width, per_sample=self.statistics == "sample", moments=moments)
+        moments = self.moments(z, mask) if moments is None else moments
+        return rd_fsq_lib.robust_scale(z, mask, self.width, moments=moments)
 
     def for_inference(self):
         return dataclasses.replace(self, statistics="sample")
@@ -177,8 +183,9 @@ class RDFSQ(_LevelCodec):
         usage = 0.0
         if self.usage_weight:
             usage = self.usage_weight * rd_fsq_lib.usage_loss(code, self.num_bits, mask)
-        return rd_fsq_lib.loss_term(self.commitment, code, q, mask, z, self.width, self.statistics == "sample",
-                                    moments) + usage
+        if moments is None and z is not None:
+            moments = self.moments(z, mask)
+        return rd_fsq_lib.loss_term(self.commitment, code, q, mask, z, self.width, moments=moments) + usage
 
     def stats(self, z, mask=None, moments=None):
         moments = self.moments(z, mask) if moments is None else moments
@@ -338,8 +345,8 @@ def make_codec(name: str, bits: int = 2, **kwargs) -> Codec:
       name: "rd_fsq", "fsq_tanh", "fsq" (canonical; pass `levels=`), "nf" (`block_size=`, `mins_bits=`),
         "none_fp32", "none_bf16" or "none_fp16".
       bits: bits per element for rd_fsq, fsq_tanh and nf (1..8); ignored by the others.
-      **kwargs: codec-specific options (RD-FSQ `width` and `statistics`, FSQ `levels`, NF `block_size` and
-        `mins_bits`).
+      **kwargs: codec-specific options (RD-FSQ `width`, `statistics`, `scale`, `commitment` and `usage_weight`,
+        FSQ `levels`, NF `block_size` and `mins_bits`).
     """
     if name == "rd_fsq":
         return RDFSQ(num_bits=bits, **kwargs)

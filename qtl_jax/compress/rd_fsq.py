@@ -47,8 +47,10 @@ def _level_grid(bits: int) -> tuple[float, float]:
     return half, offset
 
 
-def masked_moments(z: jax.Array, mask: jax.Array | None, per_sample: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Mean and unbiased standard deviation of all elements of the real rows of `z`.
+def masked_moments(z: jax.Array, mask: jax.Array | None, per_sample: bool = False,
+                   per_channel: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Mean and unbiased standard deviation of all elements of the real rows of `z` (of each channel's, with
+    `per_channel`).
 
     Args:
       z: float[..., N, D].
@@ -56,9 +58,12 @@ def masked_moments(z: jax.Array, mask: jax.Array | None, per_sample: bool = Fals
       per_sample: False: one mean and std over every real row of the batch (training, as the paper). True: one
         per sample, over that sample's real rows only (inference: an answer must not depend on which other
         samples share its batch).
+      per_channel: False: over every channel (the paper). True: one per channel (the last axis), so a channel's
+        offset or spread does not take the range of the others (README "Code collapse").
 
     Returns:
-      (mean, std): float32 scalars, or float32[..., 1, 1] with `per_sample`; the std uses n_elements - 1 like
+      (mean, std): float32 scalars, or float32[..., 1, 1] with `per_sample`, float32[D] / float32[..., 1, D] with
+      `per_channel`; the std uses n_elements - 1 like
       `torch.std`. Gradients flow through both, as in the reference (nothing is detached). A constant input
       (or a sample without real rows) gives std 0 with a zero (not NaN) gradient.
     """
@@ -67,9 +72,12 @@ def masked_moments(z: jax.Array, mask: jax.Array | None, per_sample: bool = Fals
         weights = jnp.ones((*z.shape[:-1], 1), jnp.float32)
     else:
         weights = mask.astype(jnp.float32)[..., None]
-    axes = (-2, -1) if per_sample else None
+    if per_sample:
+        axes = (-2,) if per_channel else (-2, -1)
+    else:
+        axes = tuple(range(z.ndim - 1)) if per_channel else None
     total = functools.partial(jnp.sum, axis=axes, keepdims=per_sample)
-    count = total(weights) * z.shape[-1]
+    count = total(jnp.broadcast_to(weights, z.shape))
     mean = total(z * weights) / jnp.maximum(count, 1.0)
     var = total(jnp.square(z - mean) * weights) / jnp.maximum(count - 1.0, 1.0)
     # Double-where: sqrt'(0) is inf, and inf * 0 would turn the gradient of a constant input into NaN.
@@ -79,7 +87,8 @@ def masked_moments(z: jax.Array, mask: jax.Array | None, per_sample: bool = Fals
 
 
 def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0, per_sample: bool = False,
-                 moments: tuple[jax.Array, jax.Array] | None = None, clip: bool = True) -> jax.Array:
+                 moments: tuple[jax.Array, jax.Array] | None = None, clip: bool = True,
+                 per_channel: bool = False) -> jax.Array:
     """RD-FSQ step 2: clip to mean +- width * std and map linearly to [-1, 1].
 
     One mean and one std over all real rows of the modality (not per channel), recomputed every call and
@@ -94,6 +103,7 @@ def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0
       mask: optional bool[..., N], True for real rows.
       width: clip width in standard deviations (3 in the paper).
       per_sample: statistics per sample instead of over the batch (`masked_moments`).
+      per_channel: statistics per channel instead of over all channels (`masked_moments`; not the paper's).
       moments: given (mean, std) instead of computing them (e.g. the prompt's, to quantize generated tokens).
       clip: False gives the same affine map without the clip (values outside [-1, 1] past the clip range), the
         input of `distortion_loss`.
@@ -103,19 +113,19 @@ def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0
     """
     z = check_features(z, "z")
     mask = check_mask(mask, z)
-    mean, std = masked_moments(z, mask, per_sample) if moments is None else moments
+    mean, std = masked_moments(z, mask, per_sample, per_channel) if moments is None else moments
     lo, hi = mean - width * std, mean + width * std
     zc = jnp.clip(z.astype(jnp.float32), lo, hi) if clip else z.astype(jnp.float32)
     return 2.0 * (zc - lo + SCALE_EPS) / (hi - lo + SCALE_EPS) - 1.0
 
 
 def clipped_fraction(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0,
-                     moments: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+                     moments: tuple[jax.Array, jax.Array] | None = None, per_channel: bool = False) -> jax.Array:
     """Fraction of the real rows' elements outside mean +- width * std (where the clip passes no gradient):
     float32[], a training diagnostic (0.27% for Gaussian features at width 3)."""
     z = check_features(z, "z").astype(jnp.float32)
     mask = check_mask(mask, z)
-    mean, std = masked_moments(z, mask) if moments is None else moments
+    mean, std = masked_moments(z, mask, per_channel=per_channel) if moments is None else moments
     outside = (jnp.abs(z - mean) > width * std).astype(jnp.float32)
     return jax.lax.stop_gradient(_row_mean(outside.mean(axis=-1), mask))
 
@@ -247,7 +257,7 @@ def usage_loss(u: jax.Array, bits: int, mask: jax.Array | None = None, temperatu
 
 
 def loss_term(kind: str, u: jax.Array, q: jax.Array, mask: jax.Array | None = None, z: jax.Array | None = None,
-              width: float = 3.0, per_sample: bool = False, moments=None) -> jax.Array:
+              width: float = 3.0, per_sample: bool = False, moments=None, per_channel: bool = False) -> jax.Array:
     """RD-FSQ's loss term `kind` (one of `LOSSES`) for scaled codes u (`robust_scale` of z) and their levels q:
     "cosine", the paper's `commitment_loss(u, q)`, or "distortion", `distortion_loss` of the *unclipped* scaled z
     (so z, and the moments u was scaled with, are needed)."""
@@ -257,12 +267,12 @@ def loss_term(kind: str, u: jax.Array, q: jax.Array, mask: jax.Array | None = No
         return commitment_loss(u, q, mask)
     if z is None:
         raise ValueError("the distortion term needs the unclipped input z of robust_scale")
-    return distortion_loss(robust_scale(z, mask, width, per_sample, moments, clip=False), q, mask)
+    return distortion_loss(robust_scale(z, mask, width, per_sample, moments, False, per_channel), q, mask)
 
 
 def rd_fsq(
     z: jax.Array, bits: int, mask: jax.Array | None = None, width: float = 3.0, per_sample: bool = False,
-    loss: str = "distortion",
+    loss: str = "distortion", per_channel: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """RD-FSQ steps 2-4 in one call (no projections), for research code.
 
@@ -273,6 +283,7 @@ def rd_fsq(
       width: clip width in standard deviations.
       per_sample: statistics per sample (inference) instead of over the batch (training).
       loss: "distortion" (`distortion_loss`, our default) or "cosine" (`commitment_loss`, the paper's).
+      per_channel: statistics per channel (`masked_moments`) instead of the paper's one over all channels.
 
     Returns:
       (q, idx, loss): float32[..., N, D] quantized values with the straight-through gradient,
@@ -281,7 +292,7 @@ def rd_fsq(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     z = check_features(z, "z")
-    moments = masked_moments(z, check_mask(mask, z), per_sample)
+    moments = masked_moments(z, check_mask(mask, z), per_sample, per_channel)
     u = robust_scale(z, mask, width, per_sample, moments)
     q = levels_ste(u, bits)
     return q, quantize_levels(u, bits), loss_term(loss, u, q, mask, z, width, per_sample, moments)

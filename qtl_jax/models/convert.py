@@ -444,7 +444,8 @@ def _matching_compressors(path: str, config) -> list[Entry]:
         return []
     with open(note_file) as f:
         note = json.load(f)
-    settings = lambda d: {k: v for k, v in d.items() if k != "statistics"}
+    # RD-FSQ's statistics mode is an inference setting; exports from before `scale` existed used "tensor".
+    settings = lambda d: {k: v for k, v in d.items() if k != "statistics" and (k, v) != ("scale", "tensor")}
     same = {m for m, codec in (("image", config.image_codec), ("text", config.text_codec))
             if settings(note.get(f"{m}_codec", {})) == settings(codec_to_dict(codec))}
     if note.get("text_transport") != config.text_transport:

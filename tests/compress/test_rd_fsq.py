@@ -248,3 +248,45 @@ def test_inference_codec_and_settings_round_trip():
             assert c.for_inference() is c  # row-wise codecs do not depend on the batch
     with pytest.raises(ValueError, match="statistics must be one of"):
         make_codec("rd_fsq", 2, statistics="ema")
+
+
+def test_per_channel_statistics_hand_case_and_reference():
+    # Two channels: one with a large constant offset, one with a small spread. One range for both (the paper)
+    # spends every level on the offset; per channel, each channel's spread uses its own range.
+    z = np.array([[[100.0, -1.0], [100.0, 0.0], [100.0, 1.0], [100.0, 2.0]]], np.float32)
+    moments = masked_moments(z, None, per_channel=True)
+    assert moments[0].shape == (2,)
+    np.testing.assert_allclose(moments[0], [100.0, 0.5], rtol=1e-6)
+    np.testing.assert_allclose(moments[1], [0.0, np.std([-1, 0, 1, 2], ddof=1)], rtol=1e-6)
+    per_tensor = np.asarray(quantize_levels(robust_scale(z), 2))
+    per_channel = np.asarray(quantize_levels(robust_scale(z, per_channel=True), 2))
+    assert len(np.unique(per_tensor[0, :, 1])) == 1  # the small channel collapses to one code
+    np.testing.assert_array_equal(per_channel[0, :, 1], [1, 1, 2, 2])  # u = -0.39, -0.13, 0.13, 0.39 -> 1 1 2 2
+    # Against numpy, with padding and per sample: each sample's real rows, channel by channel.
+    rng = np.random.default_rng(5)
+    z = (rng.normal(size=(3, 6, 4)) * [1.0, 5.0, 0.2, 3.0] + [0.0, 10.0, -3.0, 1.0]).astype(np.float32)
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1] * 6, [1, 1, 1, 0, 0, 0]], bool)
+    mean, std = (np.asarray(m) for m in masked_moments(z, mask, per_sample=True, per_channel=True))
+    assert mean.shape == std.shape == (3, 1, 4)
+    for i in range(3):
+        rows = z[i, mask[i]]
+        np.testing.assert_allclose(mean[i, 0], rows.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(std[i, 0], rows.std(0, ddof=1), rtol=1e-5)
+    mean, std = (np.asarray(m) for m in masked_moments(z, mask, per_channel=True))
+    np.testing.assert_allclose(mean, z[mask].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, z[mask].std(0, ddof=1), rtol=1e-5)
+    # The codec: scale="channel" uses these statistics in encode, the loss term and the clipped fraction.
+    codec = make_codec("rd_fsq", 2, scale="channel")
+    lo, hi = mean - 3 * std, mean + 3 * std
+    expected = 2 * (np.clip(z, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
+    code = codec.encode(z, mask)
+    np.testing.assert_allclose(np.asarray(code)[mask], expected[mask], rtol=1e-5, atol=1e-5)
+    v = 2 * (z - lo + 1e-4) / (hi - lo + 1e-4) - 1
+    q = codec.ste(code)
+    np.testing.assert_allclose(codec.loss(code, q, mask, z),
+                               np.mean(np.square(v - np.asarray(q))[mask]), rtol=1e-5)
+    np.testing.assert_allclose(codec.stats(z, mask)["clipped"], np.mean((np.abs(z - mean) > 3 * std)[mask]))
+    assert codec_from_dict(json.loads(json.dumps(codec_to_dict(codec)))) == codec
+    assert codec.for_inference().scale == "channel"
+    with pytest.raises(ValueError, match="scale must be one of"):
+        make_codec("rd_fsq", 2, scale="row")
