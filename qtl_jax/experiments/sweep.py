@@ -19,7 +19,8 @@ different --bits or --seeds add up):
     DIR/plots/*.png                 accuracy vs bits (error bars), accuracy vs uplink bytes
 
 Compressor names: the codecs of `qtl_jax.compress` ("none_fp16", "rd_fsq", "fsq_tanh", "nf"), plus
-"rd_fsq_cosine": RD-FSQ with the paper's cosine commitment term instead of our default distortion term.
+"rd_fsq_cosine": RD-FSQ with the paper's cosine commitment term instead of our default distortion term, and
+"rd_fsq_channel": RD-FSQ with statistics per channel (`compressor.scale=channel`) instead of one range for all.
 `--quick` runs a small setting end to end in about a minute (the tests run it): Shapes-VQA "smoke", a few
 steps, fp16 and RD-FSQ 2-bit, seed 0.
 """
@@ -40,7 +41,8 @@ from qtl_jax.experiments import report
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATASETS = ("shapes", "digits")
 # Compressor name -> config overrides (beyond compressor.image / compressor.text = the codec).
-VARIANTS = {"rd_fsq_cosine": ("rd_fsq", {"compressor.commitment": "cosine"})}
+VARIANTS = {"rd_fsq_cosine": ("rd_fsq", {"compressor.commitment": "cosine"}),
+            "rd_fsq_channel": ("rd_fsq", {"compressor.scale": "channel"})}
 CODECS = ("none_fp16", "none_bf16", "none_fp32", "rd_fsq", "fsq_tanh", "nf")
 QUICK = {"data.shapes_config": "smoke", "tower.batch_size": 8, "optim.max_steps": 6, "eval.max_examples": 16,
          "log_every": 2}

@@ -18,6 +18,9 @@ def test_plan_and_its_errors():
                                    "compressor.text": "rd_fsq", "compressor.bits": 1,
                                    "compressor.commitment": "cosine"}
     assert runs[2].workdir("/o") == "/o/digits/rd_fsq_cosine/b1/seed0"
+    channel, = sweep.plan(["shapes"], ["rd_fsq_channel"], [2], [1])
+    assert channel.overrides() == {"data.dataset": "shapes", "seed": 1, "compressor.image": "rd_fsq",
+                                   "compressor.text": "rd_fsq", "compressor.bits": 2, "compressor.scale": "channel"}
     with pytest.raises(ValueError, match="unknown compressor 'qlora'"):
         sweep.plan(["shapes"], ["qlora"], [2], [0])
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
