@@ -2,6 +2,7 @@
 and compiles once per shape whatever the parameter values."""
 
 import contextlib
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qtl_jax.compress import make_codec
 from qtl_jax.models import tinyllava as T
 from qtl_jax.models.generate import _generate_on_device, generate
 from qtl_jax.models.openelm import OpenELM, OpenELMConfig
@@ -164,3 +166,23 @@ def test_quantized_text_rows_on_device_equal_the_host_loop():
         T.server_generate(again_cfg, other["server"], out.uplink, embed_fn=T.TokenRows(again_cfg),
                           embed_params=(other, out.text_moments), **options)
     assert first == ["_generate_on_device"] and again == []
+
+
+def test_quantized_text_rows_with_per_channel_statistics():
+    """RD-FSQ with statistics per channel: the prompt's moments are per sample and channel, and generated
+    tokens are quantized with them, on the device as on the host."""
+    codec = make_codec("rd_fsq", 2, scale="channel")
+    cfg = dataclasses.replace(micro("rd_fsq"), image_codec=codec, text_codec=codec).for_inference()
+    params = jax.device_put(init(cfg))
+    images, ids, mask, labels = batch()
+    out = jax.jit(T.client_apply, static_argnums=0)(cfg, params["client"], images, ids, mask, labels)
+    width = params["client"]["text_compressor"]["in_proj"]["kernel"].shape[-1]
+    assert [m.shape for m in out.text_moments] == [(2, 1, width)] * 2
+    assert not np.allclose(out.text_moments[1], out.text_moments[1][..., :1])  # one std per channel
+    rows = T.token_rows_fn(cfg, params)
+    options = {"max_new_tokens": 4, "eos_id": -1}
+    host = T.server_generate(cfg, params["server"], out.uplink, embed=lambda t: rows(t, out.text_moments),
+                             **options)
+    on_device = T.server_generate(cfg, params["server"], out.uplink, embed_fn=T.TokenRows(cfg),
+                                  embed_params=(params, out.text_moments), **options)
+    np.testing.assert_array_equal(on_device, host)
