@@ -94,7 +94,9 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # RD-FSQ: weight of a code-usage (entropy) term added to the loss term (rd_fsq.usage_loss; 0 = off).
     c.compressor.usage_weight = 0.0
     # RD-FSQ's statistics: "tensor" (the paper: one mean and 3-sigma range for every channel of a modality) or
-    # "channel" (one per channel: a channel's offset cannot take the others' range; README "Code collapse").
+    # "channel" (one per channel: a channel's offset cannot take the others' range). Measured on Shapes-VQA:
+    # "channel" keeps the codes apart without the client delay, but with it "tensor" learns better (0.957 vs
+    # 0.911, seed 0; README "Code collapse").
     c.compressor.scale = "tensor"
 
     c.split = ml_collections.ConfigDict()
