@@ -91,9 +91,9 @@ def robust_scale(z: jax.Array, mask: jax.Array | None = None, width: float = 3.0
                  per_channel: bool = False) -> jax.Array:
     """RD-FSQ step 2: clip to mean +- width * std and map linearly to [-1, 1].
 
-    One mean and one std over all real rows of the modality (not per channel), recomputed every call and
-    never transmitted; padding rows (mask False) are excluded from the statistics (the reference includes
-    them, which lets padding shift the scale; we fix that).
+    One mean and one std over all real rows of the modality (one per channel with `per_channel`, not the
+    paper's), recomputed every call and never transmitted; padding rows (mask False) are excluded from the
+    statistics (the reference includes them, which lets padding shift the scale; we fix that).
 
         lo, hi = mu - width * sigma, mu + width * sigma
         u = 2 (clip(z, lo, hi) - lo + 1e-4) / (hi - lo + 1e-4) - 1
