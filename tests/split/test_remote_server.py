@@ -331,6 +331,59 @@ def test_exactly_once_steps(model, served, channel):
         crossing.client.close()
 
 
+class _SlowDisk:
+    """A checkpoint manager whose saves land on disk `delay` seconds late (a slow disk): `save` starts the real one
+    (arrays copied to the host at once), and the step shows in `all_steps` only once a timer has run and the real
+    save has finished; `wait_until_finished` waits for both. A save waits for the previous one, as orbax does."""
+
+    def __init__(self, ckpt, delay: float = 0.5):
+        self.ckpt, self.delay, self.landing, self.pending = ckpt, delay, None, None
+
+    def save(self, step, args):
+        self.wait_until_finished()
+        self.ckpt.save(step, args=args)
+        self.pending = step
+        self.landing = threading.Thread(target=time.sleep, args=(self.delay,), daemon=True)
+        self.landing.start()
+
+    def wait_until_finished(self):
+        if self.landing is not None:
+            self.landing.join()
+        self.ckpt.wait_until_finished()
+        self.pending = None
+
+    def all_steps(self):
+        return [s for s in self.ckpt.all_steps() if s != self.pending]
+
+    def __getattr__(self, name):
+        return getattr(self.ckpt, name)
+
+
+def test_a_stage_last_step_is_on_disk_before_its_reply(model, tmp_path):
+    """Within a stage a save may land after its reply (both sides go back to the newest step both hold); at a
+    client's last step it may not: the client goes on to the next stage and never returns to this one."""
+    cfg = model[0]
+    served = Served(cfg, params=_copy(model), workdir=str(tmp_path))
+    plain, boxed = _copy(model)
+    crossing = RemoteCrossing(RemoteClient(_connect(served.address)), cfg, _fingerprint(cfg, "fp32"),
+                              stage="finetune", vocab_size=cfg.lm.vocab_size, num_steps=2, downlink="fp32")
+    try:
+        trainer = SplitTrainer(cfg, SplitConfig(mode="remote", client_mesh=CLIENT_MESH, server_mesh=SERVER_MESH),
+                               optax.adam(1e-2), None, plain, boxed_like=boxed, crossing=crossing)
+        assert crossing.open(0, ()) == 0
+        half = served.core.half
+        half.ckpt.wait_until_finished()
+        half.ckpt = _SlowDisk(half.ckpt)
+        trainer.step(_batch(1), 1, checkpoint=True)
+        assert half.checkpoints() == [0]  # step 1 is still being written: the reply did not wait for it
+        trainer.step(_batch(2), 2, checkpoint=True)
+        assert half.checkpoints()[-1] == 2  # the stage's last step: on disk before the reply
+        assert (tmp_path / "checkpoints" / "2").is_dir()
+    finally:
+        crossing.client.close()
+        served.stop()
+
+
 # ---------------------------------------------------------------------------------------------- security
 def test_tokens_and_session_ownership(model, served, channel):
     cfg = model[0]

@@ -10,10 +10,11 @@
   again gets the cached reply (a retry after a lost reply or a deadline), the next id is applied, anything else
   gets FAILED_PRECONDITION naming the expected id. Every array is checked against the session's templates
   before decoding (`wire.from_arrays`); a malformed message gets INVALID_ARGUMENT and changes nothing.
-* **Coordinated checkpoints.** A step sent with `checkpoint` is saved (orbax, atomic) before the reply goes
-  out, and step 0 is saved when a stage starts, so the server always holds every step the client holds a
-  checkpoint of, or a newer one. On (re)opening, `resume_step` picks the newest step both hold; the server
-  restores it when it is not there already, and the client is told to.
+* **Coordinated checkpoints.** A step sent with `checkpoint` is saved (orbax, atomic; the save starts before
+  the reply goes out and, at a client's last step of the stage, is on disk before it), and step 0 is saved when
+  a stage starts, so the server always holds every step the client holds a checkpoint of, or a newer one. On
+  (re)opening, `resume_step` picks the newest step both hold; the server restores it when it is not there
+  already, and the client is told to.
 * **Several clients.** Steps are serialized on the one model in arrival order (a lock); each client has its own
   session and step ids. A rollback would discard other clients' updates, so with several clients the server
   never restores: a client that restarts from an older checkpoint replays its lost steps, and those updates
@@ -130,18 +131,23 @@ class StageHalf:
     def checkpoints(self) -> list[int]:
         return [] if self.ckpt is None else sorted(self.ckpt.all_steps())
 
-    def save(self) -> None:
+    def save(self, durable: bool = False) -> None:
         """Starts saving the half at `self.step` (asynchronous, `checkpoint.save_state`): it returns once the
         arrays are on the host, so the reply goes out, and the next step may donate the state buffers, while the
-        files are written. Asynchronous is safe for the protocol, which resumes from the newest step *both*
-        sides hold on disk: a save waits for the previous one, so a crash loses at most the newest step, whose
-        `STEP` folder then never appears (orbax renames a finished temporary folder); the server restarts from
-        its previous checkpoint, which the client still holds (it keeps two, and waits for its own previous
-        save before it sends a step that asks for a checkpoint), and both go back there. `restore` and
-        `ckpt.close()` wait for a pending save."""
+        files are written. Asynchronous is safe for the protocol *within* a stage, which resumes from the newest
+        step both sides hold on disk: a save waits for the previous one, so a crash loses at most the newest
+        step, whose `STEP` folder then never appears (orbax renames a finished temporary folder); the server
+        restarts from its previous checkpoint, which the client still holds (it keeps two, and waits for its own
+        previous save before it sends a step that asks for a checkpoint), and both go back there.
+
+        Not at a client's last step of the stage (`durable`): once answered, the client goes on to the next stage
+        and never comes back to this one, so the save must be on disk before the reply (every process of a
+        multi-process server waits for it). `restore` and `ckpt.close()` wait for a pending save."""
         if self.ckpt is not None:
-            self._announce("save", step=self.step, sessions=self.sessions)
+            self._announce("save", step=self.step, sessions=self.sessions, durable=durable)
             checkpoint.save_state(self.ckpt, self.trainer, self.step, None, {"sessions": self.sessions}, None)
+            if durable:
+                self.ckpt.wait_until_finished()
 
     def restore(self, step: int) -> None:
         self._announce("restore", step=step)
@@ -420,7 +426,7 @@ class SplitServer:
             half.step += 1
             half.sessions[client_id] = session.last_step = request.step
             if request.checkpoint:
-                half.save()
+                half.save(durable=half.finished(request.step))
             reply = pb.StepReply(step=request.step, ce_loss=ce,
                                  downlink=arrays_to_proto(wire.to_arrays(downlink)))
             session.cached = reply.SerializeToString()
@@ -544,7 +550,7 @@ def follow(stages: Stages, log: Callable[[str], None] = print) -> None:
             half.server_step(wire.from_arrays(template, arrays_from_proto(request.uplink), "uplink"))
         elif command == "save":
             half.step, half.sessions = fields["step"], fields["sessions"]
-            half.save()
+            half.save(fields["durable"])
         elif command == "restore":
             half.restore(fields["step"])
         elif command == "generate":
