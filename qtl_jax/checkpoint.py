@@ -41,6 +41,10 @@ RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every", "eval.", "dat
                         "server", "client_id", "token_file", "tls_ca", "tls_cert", "tls_key", "insecure",
                         "deadline_s", "wait_s")))
 
+# Fields added after runs were saved, with the value that trains what those runs trained: a saved config without
+# one reads as that value (so a run started before the field existed resumes), any other value still differs.
+ADDED_FIELDS = {"compressor.scale": "tensor"}
+
 
 def latest_step(stage_dir: str) -> int | None:
     """The newest checkpointed step of a stage folder, None when it has none (nothing is created)."""
@@ -203,6 +207,9 @@ def config_differences(saved: ml_collections.ConfigDict, current: ml_collections
     """'field: saved X, now Y' for every field (dotted path) that differs, tuples and lists alike."""
     as_json = lambda c: _flat(json.loads(c.to_json()))
     a, b = as_json(saved), as_json(current)
+    for key, value in ADDED_FIELDS.items():  # where the saved config has the field's section
+        if key not in a and any(k.startswith(key.rsplit(".", 1)[0] + ".") for k in a):
+            a[key] = value
     ignored = lambda k: any(k == f or (f.endswith(".") and k.startswith(f)) for f in ignore)
     return [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not ignored(k)]
