@@ -99,8 +99,39 @@ def _finetune_summary(workdir: str) -> dict | None:
     return last
 
 
+class RunFailed(RuntimeError):
+    """One run's training process failed; the message names the run, its log and the error it ended with."""
+
+
+class NothingToReport(RuntimeError):
+    """No finished run under the sweep's folder."""
+
+
+def last_error(log_path: str, start: int = 0, max_lines: int = 12) -> str:
+    """The exception a training log ends with (its type and message, the lines after the traceback's last frame),
+    reading from byte `start` on (where this attempt's output begins: the log is appended to), or '' when there
+    is none. A traceback may follow a progress bar on the same line."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [line.rstrip() for line in text.replace("Traceback (most", "\nTraceback (most").splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return ""
+    tail = lines[starts[-1] + 1:]
+    frames = [i for i, line in enumerate(tail) if line.startswith('  File "')]
+    i = frames[-1] + 1 if frames else 0
+    while i < len(tail) and tail[i].startswith("    "):  # the last frame's source line and its ^^^ markers
+        i += 1
+    return "\n".join([line for line in tail[i:] if line.strip()][:max_lines])
+
+
 def train(run: Run, out: str, overrides: dict, log=print) -> dict:
-    """Trains (or resumes, or reuses) one run in its own process; returns its stage-2 summary."""
+    """Trains (or resumes, or reuses) one run in its own process; returns its stage-2 summary. Raises RunFailed
+    when the process fails or ends without a stage-2 summary."""
     workdir = run.workdir(out)
     summary = _finetune_summary(workdir)
     if summary is not None:
@@ -111,13 +142,17 @@ def train(run: Run, out: str, overrides: dict, log=print) -> dict:
                "--workdir", workdir, *(f"--config.{k}={v}" for k, v in values.items())]
     log(f"[sweep] training {run} -> {workdir}")
     start = time.perf_counter()
-    with open(os.path.join(workdir, "train.log"), "a") as stream:
+    log_path = os.path.join(workdir, "train.log")
+    with open(log_path, "a") as stream:
+        offset = stream.tell()
         result = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, check=False)
     if result.returncode:
-        raise RuntimeError(f"{run}: training failed (exit {result.returncode}); see {workdir}/train.log")
+        error = last_error(log_path, offset)
+        raise RunFailed(f"{run}: training failed (exit {result.returncode}); see {log_path}"
+                        + (f"\n{error}" if error else ""))
     summary = _finetune_summary(workdir)
     if summary is None:
-        raise RuntimeError(f"{run}: training ended without a stage-2 summary; see {workdir}/train.log")
+        raise RunFailed(f"{run}: training ended without a stage-2 summary; see {log_path}")
     with open(os.path.join(workdir, "wall_s.json"), "w") as f:
         json.dump({"wall_s": time.perf_counter() - start}, f)
     return summary
@@ -181,7 +216,7 @@ def write_all(out: str, max_samples: int) -> dict:
         if "quality" in analysis and run.dataset not in quality:
             quality[run.dataset] = (run.seed, analysis["quality"])
     if not rows:
-        raise RuntimeError(f"{out}: no finished run to report")
+        raise NothingToReport(f"{out}: no finished run to report")
     files = report.write_report(rows, out)
     if quality:
         with open(files["markdown"], "a") as f:
@@ -267,10 +302,21 @@ def main(argv=None) -> dict:
             print(run, "->", run.workdir(args.out))
         return {}
     os.makedirs(args.out, exist_ok=True)
+    failed = []  # a failed run does not stop the others (a sweep runs for hours): they are reported at the end
     for i, run in enumerate([] if args.report_only else runs):
         print(f"[sweep] {i + 1}/{len(runs)}: {run}", flush=True)
-        train(run, args.out, overrides)
-    files = write_all(args.out, args.analysis_samples)
+        try:
+            train(run, args.out, overrides)
+        except RunFailed as e:
+            print(f"[sweep] {e}\n[sweep] going on with the other runs", flush=True)
+            failed.append(str(e))
+    failures = f"[sweep] {len(failed)} of {len(runs)} runs failed:\n" + "\n".join(failed)
+    try:
+        files = write_all(args.out, args.analysis_samples)
+    except NothingToReport as e:
+        if failed:  # nothing finished to report: the failures are the news
+            raise SystemExit(failures) from e
+        raise
     print(f"[sweep] wrote {files['csv']}, {files['markdown']} and {len(files['plots'])} plots")
     if args.readme:
         results = os.path.join(os.path.dirname(os.path.abspath(args.readme)), "results")
@@ -282,6 +328,8 @@ def main(argv=None) -> dict:
         update_readme(args.readme, os.path.join(results, "summary.md"),
                       "python -m qtl_jax.experiments.sweep " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(f"[sweep] updated {args.readme} (tables) and {results} (csv, summary, plots)")
+    if failed:
+        raise SystemExit(failures)
     return files
 
 

@@ -45,6 +45,56 @@ def test_update_readme_replaces_only_its_block(tmp_path):
         sweep.update_readme(str(readme), str(summary), "x")
 
 
+def test_last_error_reads_the_exception_a_training_log_ends_with(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("Traceback (most recent call last):\nOSError: an earlier attempt's\n"
+                   "stage:  22%|##  | 1126/5000 [56:57<76:33, loss=0.001]\rstage:  23%|##  | 1127/5000"
+                   "Traceback (most recent call last):\n"
+                   '  File "/x/train.py", line 30, in <module>\n'
+                   "    app.run(main)\n"
+                   '  File "/x/qtl_jax/checkpoint.py", line 215, in check_resume_config\n'
+                   '    raise ValueError(f"{stage_dir} holds a run with another config; "\n'
+                   "ValueError: /w/pretrain holds a run with another config. Differing fields:\n"
+                   "  compressor.scale: saved 'tensor', now 'channel'\n"
+                   "Use another --workdir.\n\n")
+    assert sweep.last_error(str(log)) == ("ValueError: /w/pretrain holds a run with another config. Differing "
+                                          "fields:\n  compressor.scale: saved 'tensor', now 'channel'\n"
+                                          "Use another --workdir.")
+    text = log.read_text()
+    log.write_text(text + "stage:   0%|    | 0/5000\rKilled\n")  # an attempt that ended without a traceback
+    assert sweep.last_error(str(log), start=len(text)) == ""
+    assert sweep.last_error(str(log)).startswith("ValueError: /w/pretrain")  # from the start: the earlier attempt
+    assert sweep.last_error(str(tmp_path / "missing.log")) == ""
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path, monkeypatch, capsys):
+    trained = []
+
+    def train(run, out, overrides):
+        trained.append(run.compressor)
+        if run.compressor == "rd_fsq":
+            raise sweep.RunFailed(f"{run}: training failed (exit 1); see log\nValueError: bad")
+        return {}
+
+    monkeypatch.setattr(sweep, "train", train)
+    monkeypatch.setattr(sweep, "write_all", lambda out, n: {"csv": "c", "markdown": "m", "plots": []})
+    with pytest.raises(SystemExit) as exit_:
+        sweep.main(["--out", str(tmp_path), "--datasets", "shapes", "--compressors", "none_fp16,rd_fsq,nf",
+                    "--seeds", "0"])
+    assert trained == ["none_fp16", "rd_fsq", "nf"]  # the run after the failed one was trained too
+    message = str(exit_.value.code)
+    assert message.startswith("[sweep] 1 of 3 runs failed:") and "compressor='rd_fsq'" in message
+    assert "ValueError: bad" in message and "going on with the other runs" in capsys.readouterr().out
+
+    def nothing(out, n):
+        raise sweep.NothingToReport("nothing")
+
+    monkeypatch.setattr(sweep, "write_all", nothing)  # every run failed: the failures, not "nothing to report"
+    monkeypatch.setattr(sweep, "train", lambda run, out, overrides: (_ for _ in ()).throw(sweep.RunFailed("x")))
+    with pytest.raises(SystemExit, match="2 of 2 runs failed"):
+        sweep.main(["--out", str(tmp_path), "--datasets", "shapes", "--compressors", "nf", "--seeds", "0,1"])
+
+
 def test_quick_sweep_end_to_end(tmp_path, tmp_path_factory):
     out = tmp_path / "sweep"
     data_dir = tmp_path_factory.getbasetemp() / "tfds"  # the session's Shapes-VQA smoke data, when made already
