@@ -6,7 +6,8 @@
 
 trains the tiny recipe (`configs/finetune.py`, both stages) once per (dataset, compressor, bits, seed), with the
 same recipe for every compressor, fp16 included, into DIR/DATASET/COMPRESSOR/bBITS/seedSEED (a `train.py`
-workdir each; a finished run is reused and a killed one resumes, so an interrupted sweep simply continues).
+workdir each; a finished run is reused and a killed one resumes, so an interrupted sweep simply continues; a run
+that fails is reported at the end, with the error its log ends with, and the others go on).
 After each run it measures, on the validation split: the KDE entropy of the compressor inputs and the bit
 width the paper's criterion picks, the entropy of the 2-bit indices and what the ANS coder spends on them
 (`features.entropy_report`); for the fp16 runs also the quality of every codec at 1-4 bits without training
