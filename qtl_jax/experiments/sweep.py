@@ -263,6 +263,25 @@ def _parse_set(items) -> dict:
     return values
 
 
+def check_fields(overrides: dict) -> None:
+    """Raises ValueError naming a --set field that the recipe (`configs/finetune.py`) does not have, and the
+    fields its section has: caught before any run starts, instead of failing every run."""
+    import ml_collections
+
+    from configs.finetune import get_config
+
+    config = get_config(None)
+    for key in overrides:
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(parts[:i])
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ValueError(f"--set {key}: configs/finetune.py has no field {key!r}; "
+                                 f"{where + ' has' if where else 'its sections are'} {known}")
+            node = node[part]
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -290,6 +309,7 @@ def main(argv=None) -> dict:
     datasets = [d for d in args.datasets.split(",") if d]
     compressors = [c for c in args.compressors.split(",") if c]
     overrides = _parse_set(args.set)
+    check_fields(overrides)
     if args.quick:
         overrides = {**QUICK, **overrides}
         datasets = ["shapes"] if args.datasets == parser.get_default("datasets") else datasets

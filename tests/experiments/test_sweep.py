@@ -27,6 +27,13 @@ def test_plan_and_its_errors():
         sweep.plan(["mnist"], ["rd_fsq"], [2], [0])
     with pytest.raises(ValueError, match="--bits: 9"):
         sweep.plan(["shapes"], ["rd_fsq"], [9], [0])
+    # A misspelt --set field is caught before any run starts, naming what its section has.
+    with pytest.raises(ValueError, match=r"--set optim.lrr: configs/finetune.py has no field 'optim.lrr'; optim "
+                                         r"has \[.*'lr'.*\]"):
+        sweep.main(["--out", "/nonexistent/sweep", "--set", "optim.lrr=1e-3", "--dry-run"])
+    with pytest.raises(ValueError, match=r"no field 'optim.lr.x'; optim.lr has \[\]"):
+        sweep.check_fields({"optim.lr.x": "1"})
+    sweep.check_fields({"optim.lr": "1e-3", "stage1.optim.min_steps": "0", "data.data_dir": "/d"})
 
 
 def test_update_readme_replaces_only_its_block(tmp_path):
