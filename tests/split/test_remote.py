@@ -62,10 +62,11 @@ def _connect(address, client_id="alice", token=None, **kw):
                          insecure=not kw.get("tls_ca"), deadline_s=30, wait_s=5, **kw)
 
 
-def _remote_trainer(cfg, address, downlink="fp32", tx=None, client_id="alice", params=None):
+def _remote_trainer(cfg, address, downlink="fp32", tx=None, client_id="alice", params=None, num_steps=100):
     plain, boxed = params or _params(cfg)
     crossing = RemoteCrossing(RemoteClient(_connect(address, client_id)), cfg, _fingerprint(cfg, downlink),
-                              stage="finetune", vocab_size=cfg.lm.vocab_size, num_steps=100, downlink=downlink)
+                              stage="finetune", vocab_size=cfg.lm.vocab_size, num_steps=num_steps,
+                              downlink=downlink)
     split = SplitConfig(mode="remote", client_mesh=CLIENT_MESH, server_mesh=SERVER_MESH, downlink=downlink)
     trainer = SplitTrainer(cfg, split, tx or optax.adam(1e-2), None, plain, boxed_like=boxed, crossing=crossing)
     assert crossing.open(0, ()) == 0

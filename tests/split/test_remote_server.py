@@ -364,13 +364,9 @@ def test_a_stage_last_step_is_on_disk_before_its_reply(model, tmp_path):
     client's last step it may not: the client goes on to the next stage and never returns to this one."""
     cfg = model[0]
     served = Served(cfg, params=_copy(model), workdir=str(tmp_path))
-    plain, boxed = _copy(model)
-    crossing = RemoteCrossing(RemoteClient(_connect(served.address)), cfg, _fingerprint(cfg, "fp32"),
-                              stage="finetune", vocab_size=cfg.lm.vocab_size, num_steps=2, downlink="fp32")
+    crossing = None
     try:
-        trainer = SplitTrainer(cfg, SplitConfig(mode="remote", client_mesh=CLIENT_MESH, server_mesh=SERVER_MESH),
-                               optax.adam(1e-2), None, plain, boxed_like=boxed, crossing=crossing)
-        assert crossing.open(0, ()) == 0
+        trainer, crossing = _remote_trainer(cfg, served.address, params=_copy(model), num_steps=2)
         half = served.core.half
         half.ckpt.wait_until_finished()
         half.ckpt = _SlowDisk(half.ckpt)
@@ -380,7 +376,8 @@ def test_a_stage_last_step_is_on_disk_before_its_reply(model, tmp_path):
         assert half.checkpoints()[-1] == 2  # the stage's last step: on disk before the reply
         assert (tmp_path / "checkpoints" / "2").is_dir()
     finally:
-        crossing.client.close()
+        if crossing is not None:
+            crossing.client.close()
         served.stop()
 
 
