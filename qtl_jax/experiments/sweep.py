@@ -19,6 +19,12 @@ different --bits or --seeds add up):
                                     seed), bytes up and down per sample; the entropy table; the quality table
     DIR/plots/*.png                 accuracy vs bits (error bars), accuracy vs uplink bytes
 
+Each finished run's numbers are kept in its folder's `record.json` (stage-2 summary, analysis, wall time): a
+record alone is enough to report the run, and a run with one is never trained again. `--readme` commits the
+records next to the README (`results/runs/DATASET/COMPRESSOR/bBITS/seedSEED.json`); `--records DIR` brings
+such records into a sweep folder, so a sweep continues (or its tables are rebuilt with `--report-only`) on a
+machine that has lost the checkpoints.
+
 Compressor names: the codecs of `qtl_jax.compress` ("none_fp16", "rd_fsq", "fsq_tanh", "nf"), plus
 "rd_fsq_cosine": RD-FSQ with the paper's cosine commitment term instead of our default distortion term, and
 "rd_fsq_channel": RD-FSQ with statistics per channel (`compressor.scale=channel`) instead of one range for all.
@@ -134,7 +140,8 @@ def train(run: Run, out: str, overrides: dict, log=print) -> dict:
     """Trains (or resumes, or reuses) one run in its own process; returns its stage-2 summary. Raises RunFailed
     when the process fails or ends without a stage-2 summary."""
     workdir = run.workdir(out)
-    summary = _finetune_summary(workdir)
+    recorded = _read_record(workdir)
+    summary = recorded["summary"] if recorded else _finetune_summary(workdir)
     if summary is not None:
         return summary
     os.makedirs(workdir, exist_ok=True)
@@ -178,44 +185,117 @@ def analyse(run: Run, out: str, max_samples: int) -> dict:
     return analysis
 
 
-def result_row(run: Run, out: str, summary: dict, analysis: dict) -> dict:
+RECORD = "record.json"
+
+
+def _read_record(workdir: str) -> dict | None:
+    path = os.path.join(workdir, RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_record(run: Run, out: str, max_samples: int) -> dict | None:
+    """The run's record (`record.json` in its folder): its stage-2 summary, its analysis and its wall time. Made
+    once from a finished workdir (analysing it) and kept; None while the run has not finished."""
+    workdir = run.workdir(out)
+    record = _read_record(workdir)
+    if record is not None:
+        return record
+    summary = _finetune_summary(workdir)
+    if summary is None:
+        return None
     wall = None
-    wall_file = os.path.join(run.workdir(out), "wall_s.json")
+    wall_file = os.path.join(workdir, "wall_s.json")
     if os.path.isfile(wall_file):
         with open(wall_file) as f:
             wall = json.load(f)["wall_s"]
+    from qtl_jax.models.convert import write_json
+
+    record = {"run": dataclasses.asdict(run), "summary": summary, "analysis": analyse(run, out, max_samples),
+              "wall_s": wall}
+    write_json(os.path.join(workdir, RECORD), record)
+    return record
+
+
+def result_row(run: Run, record: dict) -> dict:
+    summary = record["summary"]
     return {"dataset": run.dataset, "compressor": run.compressor, "bits": run.bits, "seed": run.seed,
             "accuracy": summary["test_accuracy"]["all"],
             "val_accuracy": summary.get("validation_accuracy", {}).get("all"),
             "uplink_bytes_per_sample": summary.get("uplink_bytes_per_sample"),
-            "downlink_bytes_per_sample": summary.get("downlink_bytes_per_sample"), "wall_s": wall,
-            **analysis.get("entropy", {})}
+            "downlink_bytes_per_sample": summary.get("downlink_bytes_per_sample"), "wall_s": record.get("wall_s"),
+            **record["analysis"].get("entropy", {})}
+
+
+def _run_folders(root: str):
+    """(Run, path) for every DATASET/COMPRESSOR/bBITS/seedSEED[suffix] entry under `root`."""
+    for dataset in DATASETS:
+        for compressor in sorted(os.listdir(os.path.join(root, dataset))) if os.path.isdir(
+                os.path.join(root, dataset)) else ():
+            folder = os.path.join(root, dataset, compressor)
+            for b in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+                if not (b.startswith("b") and b[1:].isdigit() and os.path.isdir(os.path.join(folder, b))):
+                    continue
+                for s in sorted(os.listdir(os.path.join(folder, b))):
+                    seed = s[4:].removesuffix(".json")
+                    if s.startswith("seed") and seed.isdigit():
+                        yield Run(dataset, compressor, int(b[1:]), int(seed)), os.path.join(folder, b, s)
 
 
 def finished_runs(out: str) -> list[Run]:
-    """Every finished run under `out` (whatever invocation trained it)."""
-    runs = []
-    for dataset in DATASETS:
-        for compressor in sorted(os.listdir(os.path.join(out, dataset))) if os.path.isdir(
-                os.path.join(out, dataset)) else ():
-            folder = os.path.join(out, dataset, compressor)
-            for b in sorted(os.listdir(folder)):
-                for s in sorted(os.listdir(os.path.join(folder, b))):
-                    if b.startswith("b") and s.startswith("seed") and os.path.isdir(os.path.join(folder, b, s)):
-                        run = Run(dataset, compressor, int(b[1:]), int(s[4:]))
-                        if _finetune_summary(run.workdir(out)) is not None:
-                            runs.append(run)
-    return runs
+    """Every finished (or recorded) run under `out`, whatever invocation trained it."""
+    return [run for run, path in _run_folders(out) if os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, RECORD)) or _finetune_summary(path) is not None)]
+
+
+def export_records(out: str, dest: str) -> int:
+    """Copies every run record under `out` to `dest/DATASET/COMPRESSOR/bBITS/seedSEED.json`; returns how many."""
+    n = 0
+    for run, path in _run_folders(out):
+        if os.path.isfile(os.path.join(path, RECORD)):
+            target = os.path.join(dest, run.dataset, run.compressor, f"b{run.bits}", f"seed{run.seed}.json")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy(os.path.join(path, RECORD), target)
+            n += 1
+    return n
+
+
+def import_records(source: str, out: str) -> int:
+    """Brings the records `export_records` wrote under `source` into the sweep folder `out`, for runs that have
+    none there (a local record wins); returns how many. Raises ValueError naming a record that is not one."""
+    if not os.path.isdir(source):
+        raise ValueError(f"--records {source}: no such folder")
+    n = 0
+    for run, path in _run_folders(source):
+        if not path.endswith(".json"):
+            continue
+        with open(path) as f:
+            try:
+                record = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not a sweep record ({e})") from e
+        missing = {"run", "summary", "analysis"} - set(record) if isinstance(record, dict) else {"a JSON object"}
+        if missing or record["run"] != dataclasses.asdict(run):
+            raise ValueError(f"{path}: not the record of {run} (missing {sorted(missing)} or another run: "
+                             f"{record.get('run') if isinstance(record, dict) else record!r})")
+        workdir = run.workdir(out)
+        if _read_record(workdir) is None:
+            os.makedirs(workdir, exist_ok=True)
+            shutil.copy(path, os.path.join(workdir, RECORD))
+            n += 1
+    return n
 
 
 def write_all(out: str, max_samples: int) -> dict:
     """results.csv, summary.md (with the quality tables) and the plots over every finished run under `out`."""
     rows, quality = [], {}
     for run in finished_runs(out):
-        analysis = analyse(run, out, max_samples)
-        rows.append(result_row(run, out, _finetune_summary(run.workdir(out)), analysis))
-        if "quality" in analysis and run.dataset not in quality:
-            quality[run.dataset] = (run.seed, analysis["quality"])
+        record = run_record(run, out, max_samples)
+        rows.append(result_row(run, record))
+        if "quality" in record["analysis"] and run.dataset not in quality:
+            quality[run.dataset] = (run.seed, record["analysis"]["quality"])
     if not rows:
         raise NothingToReport(f"{out}: no finished run to report")
     files = report.write_report(rows, out)
@@ -303,8 +383,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="a small end-to-end setting (tests)")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     parser.add_argument("--report-only", action="store_true", help="train nothing: report the finished runs")
-    parser.add_argument("--readme", help="a README whose generated block gets the summary (and the plots, "
-                        "copied next to it under results/)")
+    parser.add_argument("--readme", help="a README whose generated block gets the summary (and the plots and "
+                        "the run records, copied next to it under results/)")
+    parser.add_argument("--records", help="a folder of run records (what --readme writes to results/runs): "
+                        "their runs count as finished here, so they are reported and not trained again")
     args = parser.parse_args(argv)
     datasets = [d for d in args.datasets.split(",") if d]
     compressors = [c for c in args.compressors.split(",") if c]
@@ -323,6 +405,8 @@ def main(argv=None) -> dict:
             print(run, "->", run.workdir(args.out))
         return {}
     os.makedirs(args.out, exist_ok=True)
+    if args.records:
+        print(f"[sweep] {import_records(args.records, args.out)} run records brought in from {args.records}")
     failed = []  # a failed run does not stop the others (a sweep runs for hours): they are reported at the end
     for i, run in enumerate([] if args.report_only else runs):
         print(f"[sweep] {i + 1}/{len(runs)}: {run}", flush=True)
@@ -346,6 +430,7 @@ def main(argv=None) -> dict:
             shutil.copy(os.path.join(args.out, name), os.path.join(results, name))
         for plot in files["plots"]:
             shutil.copy(plot, os.path.join(results, "plots", os.path.basename(plot)))
+        export_records(args.out, os.path.join(results, "runs"))
         update_readme(args.readme, os.path.join(results, "summary.md"),
                       "python -m qtl_jax.experiments.sweep " + " ".join(argv if argv is not None else sys.argv[1:]))
         print(f"[sweep] updated {args.readme} (tables) and {results} (csv, summary, plots)")

@@ -2,6 +2,7 @@
 block it generates."""
 
 import csv
+import json
 import os
 
 import pytest
@@ -122,6 +123,41 @@ def test_quick_sweep_end_to_end(tmp_path, tmp_path_factory):
     assert "## shapes" in summary and "| rd_fsq | 2 | 1 |" in summary and "codec quality without training" in summary
     for plot in files["plots"]:
         assert os.path.getsize(plot) > 1000
-    # Finished runs are reused: a second invocation trains nothing and reports the same rows.
-    again = sweep.main(["--out", str(out), "--quick", "--report-only"])
-    assert again["csv"] == files["csv"]
+    # Finished runs are reused: a second invocation trains nothing and reports the same rows; --readme fills
+    # the README's block and commits the run records under results/runs.
+    readme = tmp_path / "repo" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(f"# x\n{sweep.README_BEGIN}\n{sweep.README_END}\n")
+    again = sweep.main(["--out", str(out), "--quick", "--report-only", "--readme", str(readme)])
+    assert again["csv"] == files["csv"] and "| rd_fsq | 2 | 1 |" in readme.read_text()
+    records = tmp_path / "repo" / "results" / "runs"
+    assert sorted(str(p.relative_to(records)) for p in records.rglob("*.json")) == [
+        "shapes/none_fp16/b16/seed0.json", "shapes/rd_fsq/b2/seed0.json"]
+    # The records alone rebuild the same table on a machine without the runs (nothing is trained: a sweep with
+    # --records reports a recorded run as finished).
+    elsewhere = tmp_path / "elsewhere"
+    rebuilt = sweep.main(["--out", str(elsewhere), "--quick", "--records", str(records)])
+    with open(files["csv"]) as f, open(rebuilt["csv"]) as g:
+        assert f.read() == g.read()
+    assert not (elsewhere / "shapes" / "rd_fsq" / "b2" / "seed0" / "finetune").exists()
+    assert "codec quality without training" in (elsewhere / "summary.md").read_text()
+
+
+def test_records_that_are_not_records_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"--records .*: no such folder"):
+        sweep.import_records(str(tmp_path / "missing"), str(tmp_path / "out"))
+    bad = tmp_path / "runs" / "digits" / "nf" / "b2" / "seed1.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{")
+    with pytest.raises(ValueError, match=r"seed1.json: not a sweep record"):
+        sweep.import_records(str(tmp_path / "runs"), str(tmp_path / "out"))
+    other = {"run": {"dataset": "digits", "compressor": "nf", "bits": 2, "seed": 0}, "summary": {}, "analysis": {}}
+    bad.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"seed1.json: not the record of Run\(dataset='digits', compressor='nf', "
+                                         r"bits=2, seed=1\)"):
+        sweep.import_records(str(tmp_path / "runs"), str(tmp_path / "out"))
+    other["run"]["seed"] = 1
+    bad.write_text(json.dumps(other))
+    assert sweep.import_records(str(tmp_path / "runs"), str(tmp_path / "out")) == 1
+    assert sweep.finished_runs(str(tmp_path / "out")) == [sweep.Run("digits", "nf", 2, 1)]
+    assert sweep.import_records(str(tmp_path / "runs"), str(tmp_path / "out")) == 0  # a local record wins
