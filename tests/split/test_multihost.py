@@ -45,7 +45,7 @@ CHECKPOINT_AT = (2, STEPS)
 START_S, DEADLINE_S = 240, 600  # the most the servers may take to start, and one call (a build, a compile)
 
 
-def _config():
+def _config(text_transport: str = "quantized_embeddings"):
     """Stage 1 of the tiny preset, batch 4; what the server command line below sets too."""
     from configs.pretrain import get_config
 
@@ -53,6 +53,7 @@ def _config():
     config.optim.batch_size = BATCH
     config.split.client_mesh = CLIENT_MESH
     config.split.server_mesh = SERVER_MESH
+    config.compressor.text_transport = text_transport
     return config
 
 
@@ -80,9 +81,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _initial_params():
+def _initial_params(text_transport: str = "quantized_embeddings"):
     """(host params, boxed) of stage 1's model, as `train.py` initialises them (the server does the same)."""
-    config = _config()
+    config = _config(text_transport)
     params, boxed = trainer.init_params(config, trainer.model_config(config, VOCAB), jnp.float32,
                                         log=lambda _: None)
     return jax.device_get(params), boxed
@@ -91,8 +92,8 @@ def _initial_params():
 class Client:
     """The client half of stage 1 here, from `initial` (`_initial_params`), talking to the server at `address`."""
 
-    def __init__(self, address: str, initial):
-        config = _config()
+    def __init__(self, address: str, initial, text_transport: str = "quantized_embeddings"):
+        config = _config(text_transport)
         self.model_config = trainer.model_config(config, VOCAB)
         # Copies: the client's steps donate its state, which may alias the arrays it was built from.
         params, boxed = jax.tree.map(np.array, initial[0]), initial[1]
@@ -128,9 +129,10 @@ def _serve_here(workdir: str):
     return core, server, port
 
 
-def _start_group(tmp_path, procs: list):
-    """Starts two server processes x 4 CPU devices into `procs`; returns the file where process 0 writes its gRPC
-    port. They share this session's compilation cache (the reference run fills it with what they compile alike)."""
+def _start_group(tmp_path, procs: list, flags=()):
+    """Starts two server processes x 4 CPU devices into `procs` (SERVER_FLAGS, then `flags`); returns the file where
+    process 0 writes its gRPC port. They share this session's compilation cache (the reference run fills it with
+    what they compile alike)."""
     tokens, port_file = tmp_path / "tokens.txt", tmp_path / "port"
     tokens.write_text(f"client0 {TOKEN}\n")
     coordinator = f"127.0.0.1:{_free_port()}"
@@ -138,8 +140,9 @@ def _start_group(tmp_path, procs: list):
     for process_id in range(2):
         with open(tmp_path / f"server{process_id}.log", "w") as log:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "qtl_jax.split.serve", *SERVER_FLAGS, "--workdir", str(tmp_path / "server"),
-                 "--address", "127.0.0.1:0", "--insecure", "--tokens", str(tokens), "--port_file", str(port_file),
+                [sys.executable, "-m", "qtl_jax.split.serve", *SERVER_FLAGS, *flags,
+                 "--workdir", str(tmp_path / "server"), "--address", "127.0.0.1:0", "--insecure",
+                 "--tokens", str(tokens), "--port_file", str(port_file),
                  "--coordinator", coordinator, "--num_processes", "2", "--process_id", str(process_id)],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env))
     return port_file
@@ -257,3 +260,26 @@ def test_a_server_over_two_processes_trains_what_one_process_trains(tmp_path):
                                         embed=lambda t: rows(t, generation["moments"]), **GENERATE)
     np.testing.assert_array_equal(generated, expected_tokens)
     assert generation["round_trips"] == GENERATE["max_new_tokens"] - 1  # every token's rows crossed but the last
+
+
+def test_a_server_over_two_processes_generates_from_token_ids(tmp_path):
+    """The other text transport: the client sends the prompt's token ids and the server embeds them and every
+    new token itself, the whole decode one on-device loop that both processes run (no round trip per token).
+    Before any step: the tokens are what the initial server parameters generate in one process."""
+    initial = _initial_params("token_ids")
+    procs = []
+    try:
+        port_file = _start_group(tmp_path, procs, ["--config.compressor.text_transport=token_ids"])
+        client = Client(f"127.0.0.1:{_wait_for_port(procs, port_file)}", initial, "token_ids")
+        inference = client.model_config.for_inference()
+        assert inference.text_transport == "token_ids"
+        generation = _generation(inference, initial[0]["client"])
+        generated = client.crossing.generate(generation["uplink"], **GENERATE)
+        client.crossing.client.close()
+    finally:
+        _stop_group(procs)
+    assert [p.returncode for p in procs] == [0, 0]
+    assert generation["uplink"].text.codec == "token_ids" and generation["round_trips"] == 0
+    expected = T.server_generate(inference, initial[0]["server"], generation["uplink"], **GENERATE)
+    np.testing.assert_array_equal(generated, expected)
+    assert generated.shape == (BATCH, GENERATE["max_new_tokens"])
