@@ -5,7 +5,8 @@ same server in this one process (8 devices, the same mesh). On the way, the two-
 requests (which its other process never sees) and goes back to its step-2 checkpoint for a client that went back
 to its own (an orbax restore on both processes); the replayed steps repeat the first ones bit for bit. At the end
 the client generates through it, each new token's quantized rows a round trip, and gets the tokens its final
-parameters generate in one process.
+parameters generate in one process. A second group, started with the token-ids text transport, generates in one
+on-device loop on both processes what its initial parameters generate here.
 
 Tolerance. The two runs compile the same program for the same mesh; what differs is who sums across the fsdp
 axis: gloo between the processes, XLA's in-process collectives here. float32 addition is not associative, so a
