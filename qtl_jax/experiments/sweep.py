@@ -69,6 +69,10 @@ class Run:
     def workdir(self, out: str) -> str:
         return os.path.join(out, self.dataset, self.compressor, f"b{self.bits}", f"seed{self.seed}")
 
+    def record_file(self, root: str) -> str:
+        """Where `export_records` keeps this run's record under `root`: beside where its workdir would be."""
+        return self.workdir(root) + ".json"
+
     def overrides(self) -> dict:
         values = {"data.dataset": self.dataset, "seed": self.seed, "compressor.image": self.codec,
                   "compressor.text": self.codec, "compressor.bits": self.bits if self.bits <= 8 else 2}
@@ -255,7 +259,7 @@ def export_records(out: str, dest: str) -> int:
     n = 0
     for run, path in _run_folders(out):
         if os.path.isfile(os.path.join(path, RECORD)):
-            target = os.path.join(dest, run.dataset, run.compressor, f"b{run.bits}", f"seed{run.seed}.json")
+            target = run.record_file(dest)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.copy(os.path.join(path, RECORD), target)
             n += 1
@@ -281,7 +285,7 @@ def import_records(source: str, out: str) -> int:
             raise ValueError(f"{path}: not the record of {run} (missing {sorted(missing)} or another run: "
                              f"{record.get('run') if isinstance(record, dict) else record!r})")
         workdir = run.workdir(out)
-        if _read_record(workdir) is None:
+        if not os.path.isfile(os.path.join(workdir, RECORD)):
             os.makedirs(workdir, exist_ok=True)
             shutil.copy(path, os.path.join(workdir, RECORD))
             n += 1
