@@ -169,11 +169,10 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _std(values: Sequence[float]) -> float | None:
-    """Sample standard deviation (ddof=1); 0.0 for a single value, None for none."""
-    if not values:
+    """Sample standard deviation (ddof=1); None for fewer than two values (a single run has no spread to show:
+    the tables print its mean alone, never a "± 0.000" that reads as no spread)."""
+    if len(values) < 2:
         return None
-    if len(values) == 1:
-        return 0.0
     m = _mean(values)
     return math.sqrt(math.fsum((v - m) ** 2 for v in values) / (len(values) - 1))
 
@@ -185,8 +184,9 @@ def _sort_key(s: dict) -> tuple:
 def summarize(rows: Iterable[dict]) -> list[dict]:
     """Aggregates result rows over seeds, one summary per (dataset, compressor, bits).
 
-    Standard deviations are sample standard deviations (ddof=1) over the group's runs, and 0.0 for a group with a
-    single run. Missing, None and NaN values of a field are left out of its mean/std (None when no run has it).
+    Standard deviations are sample standard deviations (ddof=1) over the group's runs, and None for a group with a
+    single run (or a single paired seed). Missing, None and NaN values of a field are left out of its mean/std
+    (None when no run has it).
 
     Args:
       rows: result rows; "dataset", "compressor", "bits", "seed" and "accuracy" are required in each.
@@ -334,9 +334,10 @@ def markdown_table(summary: Sequence[dict], dataset: str) -> str:
 
     Returns:
       The table (ending in a newline) with columns: compressor, bits, seeds (the number of runs), test accuracy
-      ("0.874 ± 0.030": mean ± sample std), accuracy relative to fp16 ("97.9% ± 1.2%"; only the percentage when
-      it is a ratio of means of unpaired seeds), val accuracy (mean), uplink bytes/sample ("1.9 kB", decimal
-      units), uplink relative to fp16 ("0.131") and downlink bytes/sample. Missing values show as "—".
+      ("0.874 ± 0.030": mean ± sample std; the mean alone for a single run), accuracy relative to fp16 ("97.9% ±
+      1.2%"; only the percentage when it rests on one paired seed or is a ratio of means of unpaired seeds), val
+      accuracy (mean), uplink bytes/sample ("1.9 kB", decimal units), uplink relative to fp16 ("0.131") and
+      downlink bytes/sample. Missing values show as "—".
 
     Raises:
       ValueError: the summary has no rows for `dataset`.

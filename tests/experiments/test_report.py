@@ -87,22 +87,22 @@ def test_summarize_fp16_and_paired_group():
 def test_summarize_single_seed_unpaired_and_partial_pairs():
     summary = R.summarize(_rows())
     nf = _get(summary, "digits", "nf", 4)  # one run, seed 5 has no fp16 run
-    assert nf["accuracy_std"] == 0.0
-    assert nf["val_accuracy_std"] == 0.0
+    assert nf["accuracy_std"] is None  # one run: no spread, not a spread of 0
+    assert nf["val_accuracy_std"] is None
     assert nf["relative_accuracy_mean"] == pytest.approx(0.85 / 0.9)  # ratio of means
     assert nf["relative_accuracy_std"] is None
     assert nf["relative_accuracy_pairs"] == 0
 
     tanh = _get(summary, "digits", "fsq_tanh", 1)  # one paired run
     assert tanh["relative_accuracy_mean"] == pytest.approx(0.7 / 0.8)
-    assert tanh["relative_accuracy_std"] == 0.0
+    assert tanh["relative_accuracy_std"] is None
     assert tanh["relative_accuracy_pairs"] == 1
 
     rd1 = _get(summary, "digits", "rd_fsq", 1)  # only seed 0 pairs; seed 7 is left out of the ratio
     assert rd1["accuracy_mean"] == pytest.approx(0.65)
     assert rd1["accuracy_std"] == pytest.approx(math.sqrt(0.005))
     assert rd1["relative_accuracy_mean"] == pytest.approx(0.6 / 0.8)
-    assert rd1["relative_accuracy_std"] == 0.0
+    assert rd1["relative_accuracy_std"] is None
     assert rd1["relative_accuracy_pairs"] == 1
 
     aaa = _get(summary, "aaa", "rd_fsq", 3)  # no baseline on that dataset (digits' fp16 does not count)
@@ -183,12 +183,12 @@ def test_markdown_table_exact_cells():
                         "uplink / sample | uplink vs fp16 | downlink / sample |")
     assert lines[1] == "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"
     assert lines[2] == "| none_fp16 | 16 | 3 | 0.900 ± 0.100 | 100.0% ± 0.0% | 0.800 | 14.3 kB | 1.000 | 2.0 kB |"
-    assert lines[3] == "| fsq_tanh | 1 | 1 | 0.700 ± 0.000 | 87.5% ± 0.0% | 0.600 | 960 B | 0.067 | 2.0 kB |"
-    assert lines[4] == "| nf | 4 | 1 | 0.850 ± 0.000 | 94.4% | 0.800 | 3.6 kB | 0.251 | 2.0 kB |"
+    assert lines[3] == "| fsq_tanh | 1 | 1 | 0.700 | 87.5% | 0.600 | 960 B | 0.067 | 2.0 kB |"
+    assert lines[4] == "| nf | 4 | 1 | 0.850 | 94.4% | 0.800 | 3.6 kB | 0.251 | 2.0 kB |"
     assert lines[6] == "| rd_fsq | 2 | 3 | 0.837 ± 0.055 | 93.3% ± 5.8% | 0.800 | 1.9 kB | 0.131 | 2.0 kB |"
     assert len(lines) == 7
     other = R.markdown_table(summary, "aaa").strip().split("\n")
-    assert other[2] == "| rd_fsq | 3 | 1 | 0.500 ± 0.000 | — | 0.400 | 100 B | — | 2.0 kB |"
+    assert other[2] == "| rd_fsq | 3 | 1 | 0.500 | — | 0.400 | 100 B | — | 2.0 kB |"
     with pytest.raises(ValueError, match="nope"):
         R.markdown_table(summary, "nope")
 
