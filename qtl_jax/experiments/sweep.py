@@ -153,8 +153,8 @@ def train(run: Run, out: str, overrides: dict, log=print) -> dict:
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "finetune.py"),
                "--workdir", workdir, *(f"--config.{k}={v}" for k, v in values.items())]
     log(f"[sweep] training {run} -> {workdir}")
-    start = time.perf_counter()
     log_path = os.path.join(workdir, "train.log")
+    _clock_invocation(workdir, start=True)
     with open(log_path, "a") as stream:
         offset = stream.tell()
         result = subprocess.run(command, cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT, check=False)
@@ -165,9 +165,41 @@ def train(run: Run, out: str, overrides: dict, log=print) -> dict:
     summary = _finetune_summary(workdir)
     if summary is None:
         raise RunFailed(f"{run}: training ended without a stage-2 summary; see {log_path}")
-    with open(os.path.join(workdir, "wall_s.json"), "w") as f:
-        json.dump({"wall_s": time.perf_counter() - start}, f)
+    _clock_invocation(workdir, start=False)
     return summary
+
+
+WALL = "wall_s.json"
+
+
+def _clock_invocation(workdir: str, start: bool, now: float | None = None) -> dict:
+    """Keeps `wall_s.json`: the [start, end] wall-clock times of every training invocation of the run, and their
+    sum `wall_s`. A killed invocation never writes its end: the next one closes it at the last write of
+    `train.log` (the killed process's last sign of life), so a resumed run counts all its parts. Time a process
+    spent stopped (SIGSTOP) counts too. Returns the new contents."""
+    now = time.time() if now is None else now
+    path = os.path.join(workdir, WALL)
+    clock = {"invocations": []}
+    if os.path.isfile(path):
+        with open(path) as f:
+            clock = json.load(f)
+    parts = clock.get("invocations")
+    if parts is None:  # written before the invocations were kept: its one total stands for the earlier part
+        parts = [[0.0, clock["wall_s"]]]
+    if start:
+        if parts and parts[-1][1] is None:
+            log_path = os.path.join(workdir, "train.log")
+            last = os.path.getmtime(log_path) if os.path.isfile(log_path) else parts[-1][0]
+            parts[-1][1] = min(max(last, parts[-1][0]), now)
+        parts.append([now, None])
+    elif parts and parts[-1][1] is None:
+        parts[-1][1] = now
+    clock = {"wall_s": sum(end - begin for begin, end in parts if end is not None), "invocations": parts}
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(clock, f)
+    os.replace(tmp, path)
+    return clock
 
 
 def analyse(run: Run, out: str, max_samples: int) -> dict:
@@ -211,7 +243,7 @@ def run_record(run: Run, out: str, max_samples: int) -> dict | None:
     if summary is None:
         return None
     wall = None
-    wall_file = os.path.join(workdir, "wall_s.json")
+    wall_file = os.path.join(workdir, WALL)
     if os.path.isfile(wall_file):
         with open(wall_file) as f:
             wall = json.load(f)["wall_s"]

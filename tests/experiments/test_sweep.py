@@ -161,3 +161,19 @@ def test_records_that_are_not_records_are_named(tmp_path):
     assert sweep.import_records(str(tmp_path / "runs"), str(tmp_path / "out")) == 1
     assert sweep.finished_runs(str(tmp_path / "out")) == [sweep.Run("digits", "nf", 2, 1)]
     assert sweep.import_records(str(tmp_path / "runs"), str(tmp_path / "out")) == 0  # a local record wins
+
+
+def test_wall_time_counts_every_invocation_of_a_resumed_run(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("step 1\n")
+    clock = sweep._clock_invocation(str(tmp_path), start=True, now=1000.0)
+    assert clock == {"wall_s": 0, "invocations": [[1000.0, None]]}
+    os.utime(log, (1250.0, 1250.0))  # the killed invocation's last write to its log
+    sweep._clock_invocation(str(tmp_path), start=True, now=2000.0)  # resumed: the killed part ends at 1250
+    clock = sweep._clock_invocation(str(tmp_path), start=False, now=2100.0)
+    assert clock == {"wall_s": 350.0, "invocations": [[1000.0, 1250.0], [2000.0, 2100.0]]}
+    # A file from before the invocations were kept: its total is the first part.
+    (tmp_path / sweep.WALL).write_text('{"wall_s": 63.0}')
+    sweep._clock_invocation(str(tmp_path), start=True, now=3000.0)
+    clock = sweep._clock_invocation(str(tmp_path), start=False, now=3040.0)
+    assert clock["wall_s"] == 103.0 and len(clock["invocations"]) == 2
