@@ -195,10 +195,9 @@ def _clock_invocation(workdir: str, start: bool, now: float | None = None) -> di
     elif parts and parts[-1][1] is None:
         parts[-1][1] = now
     clock = {"wall_s": sum(end - begin for begin, end in parts if end is not None), "invocations": parts}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(clock, f)
-    os.replace(tmp, path)
+    from qtl_jax.models.convert import write_json
+
+    write_json(path, clock)
     return clock
 
 
