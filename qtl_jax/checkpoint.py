@@ -31,6 +31,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from qtl_jax import files
 from qtl_jax.split.runtime import HALVES, HalfState, SplitTrainer, partition
 
 CONFIG_FILE = "config.json"
@@ -175,11 +176,7 @@ def save_config(stage_dir: str, config: ml_collections.ConfigDict) -> None:
     """Writes the stage's config as JSON (via a temporary file, then an atomic rename; process 0 only)."""
     if jax.process_index():
         return
-    os.makedirs(stage_dir, exist_ok=True)
-    path = os.path.join(stage_dir, CONFIG_FILE)
-    with open(path + ".tmp", "w") as f:
-        f.write(config.to_json(indent=2, sort_keys=True))
-    os.replace(path + ".tmp", path)
+    files.write_text(os.path.join(stage_dir, CONFIG_FILE), config.to_json(indent=2, sort_keys=True))
 
 
 def load_config(stage_dir: str) -> ml_collections.ConfigDict:

@@ -23,6 +23,7 @@ validation and test splits (Shapes-VQA) and on every file of `config.data.eval_f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qtl_jax import files
 from qtl_jax.data import builders
 from qtl_jax.data.preprocess import load_image, preprocess_image
 from qtl_jax.data.templates import BadSample, inference_prompt
@@ -140,11 +142,7 @@ def evaluate_source(answerer: Answerer, source, *, template: str, buckets: Seque
     size = answerer.config.vision.image_size
     n = len(source) if not max_examples else min(len(source), max_examples)
     correct, total, skipped = {}, {}, []
-    out = None
-    if answers_file:
-        os.makedirs(os.path.dirname(os.path.abspath(answers_file)), exist_ok=True)
-        out = open(answers_file + ".tmp", "w", encoding="utf-8")
-    try:
+    with files.atomic_open(answers_file, encoding="utf-8") if answers_file else contextlib.nullcontext() as out:
         for start in range(0, n, batch_size):
             items = []
             for index in range(start, min(start + batch_size, n)):
@@ -186,11 +184,6 @@ def evaluate_source(answerer: Answerer, source, *, template: str, buckets: Seque
                     out.write(json.dumps({"id": it["id"], "question_type": it["question_type"],
                                           "question": it["question"], "answer": answer,
                                           "reference": it["reference"], "correct": hit}) + "\n")
-    finally:
-        if out is not None:
-            out.close()
-    if answers_file:
-        os.replace(answers_file + ".tmp", answers_file)
     return {"accuracy": {k: correct[k] / total[k] for k in total}, "samples": total.get("all", 0),
             "skipped": len(skipped), "skipped_reasons": skipped[:100]}
 

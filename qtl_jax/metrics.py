@@ -10,6 +10,8 @@ import json
 import os
 import time
 
+from qtl_jax import files
+
 
 class MetricWriter:
     def __init__(self, workdir: str, stage: str):
@@ -51,9 +53,8 @@ class MetricWriter:
                 or (r["step"] == step and any(k in r for k in TRAINING_KEYS))]
         if len(keep) == len(records):
             return
-        with open(self.path + ".tmp", "w") as f:
+        with files.atomic_open(self.path) as f:
             f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(self.path + ".tmp", self.path)
 
     def close(self) -> None:
         if self._tb is not None:

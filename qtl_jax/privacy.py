@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qtl_jax import files
 from qtl_jax.models import tinyllava as T
 from qtl_jax.probe import linear_probe_accuracy
 
@@ -321,9 +322,8 @@ def picture_grid(path: str, originals: np.ndarray, reconstructions: dict[str, np
             ax.set_yticks([])
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.subplots_adjust(left=1.3 / (1.1 * n + 1.4), right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path + ".tmp", format="png")
-    os.replace(path + ".tmp", path)
+    with files.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
 
 
 # -------------------------------------------------------------------------------------------- a trained run
@@ -516,12 +516,6 @@ def _flat_row(name: str, result: dict) -> dict:
     return row
 
 
-def _write_atomic(path: str, text: str) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def write_report(out_dir: str, results: dict[str, dict], grid_images: int = 8) -> None:
     """OUT/privacy.csv (one row per run), OUT/privacy.md (a table) and the picture grids: privacy_grid.png for
     the runs evaluated on the same images as the first run, privacy_grid_2.png, ... for other image sets."""
@@ -534,7 +528,7 @@ def write_report(out_dir: str, results: dict[str, dict], grid_images: int = 8) -
     writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(os.path.join(out_dir, "privacy.csv"), buffer.getvalue())
+    files.write_text(os.path.join(out_dir, "privacy.csv"), buffer.getvalue(), newline="")
 
     lines = ["| run | compressor | bits | PSNR (dB) | SSIM | mean-image PSNR | mean-image SSIM | "
              "probe accuracy: uplink / connector rows / majority | images (attacker / evaluated) |",
@@ -550,7 +544,7 @@ def write_report(out_dir: str, results: dict[str, dict], grid_images: int = 8) -
              "pairs of the run's training images, scored on validation images it never saw (dm-pix PSNR/SSIM, "
              "images in [0, 1]). Mean image: predicting the attacker's mean training image.",
              f"Attacker images dropped because they are also evaluated: {dropped or 'none'}."]
-    _write_atomic(os.path.join(out_dir, "privacy.md"), "\n".join(lines + notes) + "\n")
+    files.write_text(os.path.join(out_dir, "privacy.md"), "\n".join(lines + notes) + "\n")
 
     groups: dict[tuple, dict[str, dict]] = {}
     for name, r in results.items():

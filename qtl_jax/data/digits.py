@@ -26,10 +26,11 @@ random weights, and nothing about the recipe was tuned on it (`--config.data.dat
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
+
+from qtl_jax import files
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 QUESTIONS = {
@@ -85,12 +86,6 @@ def records(split: str, indices: np.ndarray, labels: np.ndarray) -> list[dict]:
     return out
 
 
-def _write_json(path: str, value) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
 def build(out: str, log=print) -> str:
     """Writes the dataset into `out` (see the module docstring) unless it is complete there; returns `out`."""
     from PIL import Image
@@ -109,20 +104,19 @@ def build(out: str, log=print) -> str:
         pixels = np.round(np.clip(scan, 0, 16) * (255 / 16)).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(os.path.join(out, "images", f"{i:04d}.png"))
     parts = split_indices(labels)
-    _write_json(os.path.join(out, "pretrain.json"), records("pretrain", parts["train"], labels))
+    files.write_json(os.path.join(out, "pretrain.json"), records("pretrain", parts["train"], labels), indent=1)
     for split, indices in parts.items():
-        _write_json(os.path.join(out, f"{split}.json"), records(split, indices, labels))
+        files.write_json(os.path.join(out, f"{split}.json"), records(split, indices, labels), indent=1)
     build_word_tokenizer(annotation_words([os.path.join(out, f) for f in FILES]), os.path.join(out, "tokenizer"))
-    with open(done + ".tmp", "w") as f:
-        f.write(f"scikit-learn's handwritten digits in LLaVA format ({len(labels)} images: "
-                + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
-                + ").\nThe tiny recipe trains on it with --config.data.dataset=digits (which builds it into "
-                  "DATA_DIR/digits), or as any LLaVA-format data:\n  python train.py --config configs/finetune.py "
-                  f"--workdir WORKDIR --config.data.dataset=llava --config.data.annotation_file={out}/train.json "
-                  f"--config.data.image_root={out} --config.data.tokenizer={out}/tokenizer "
-                  f"--config.stage1.data.annotation_file={out}/pretrain.json --config.stage1.data.image_root={out} "
-                  f"--config.data.eval_files=validation={out}/validation.json\n")
-    os.replace(done + ".tmp", done)
+    files.write_text(done, f"scikit-learn's handwritten digits in LLaVA format ({len(labels)} images: "
+                     + ", ".join(f"{k} {len(v)}" for k, v in parts.items())
+                     + ").\nThe tiny recipe trains on it with --config.data.dataset=digits (which builds it into "
+                       "DATA_DIR/digits), or as any LLaVA-format data:\n  python train.py --config configs/finetune.py "
+                       f"--workdir WORKDIR --config.data.dataset=llava --config.data.annotation_file={out}/train.json "
+                       f"--config.data.image_root={out} --config.data.tokenizer={out}/tokenizer "
+                       f"--config.stage1.data.annotation_file={out}/pretrain.json "
+                       f"--config.stage1.data.image_root={out} "
+                       f"--config.data.eval_files=validation={out}/validation.json\n")
     log(f"wrote scikit-learn's digits in LLaVA format to {out}: "
         + ", ".join(f"{k} {len(v)} images" for k, v in parts.items()))
     return out

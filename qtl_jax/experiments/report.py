@@ -15,7 +15,7 @@ plus the optional entropy fields of `ENTROPY_FIELDS` (absent, None or NaN when t
 * `plot_accuracy_vs_bits` / `plot_accuracy_vs_uplink`: PNG plots of a summary for one dataset.
 * `write_report`: all of the above into one folder (results.csv, summary.md, plots/).
 
-Every file is written atomically (a temporary file in the same folder, then `os.replace`).
+Every file is written atomically (`qtl_jax.files`).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ import math
 import numbers
 import os
 import re
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from qtl_jax import files
 
 FP16 = "none_fp16"
 """The uncompressed baseline's compressor name: the reference of the relative accuracy and uplink ratio."""
@@ -68,22 +69,6 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 
 
 # ----------------------------------------------------------------------------------------------------------- files
-
-
-def _atomic_write(path: str, write: Callable[[Any], None], mode: str = "w", **open_kwargs) -> None:
-    """Calls `write(f)` on a fresh temporary file next to `path` (created with the usual umask permissions), then
-    renames it onto `path`; the temporary file is removed when `write` fails."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, mode.replace("w", "x"), **open_kwargs) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _cell(value: Any) -> str:
@@ -127,13 +112,11 @@ def write_csv(rows: Iterable[dict], path: str) -> str:
     extra = sorted({k for row in rows for k in row} - set(COLUMNS))
     header = [*COLUMNS, *extra]
 
-    def write(f):
+    with files.atomic_open(path, newline="", encoding="utf-8") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(header)
         for row in rows:
             w.writerow([_cell(row.get(k)) for k in header])
-
-    _atomic_write(path, write, newline="", encoding="utf-8")
     return path
 
 
@@ -403,7 +386,8 @@ def _save_png(fig, path: str) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    _atomic_write(path, lambda f: fig.savefig(f, format="png"), mode="wb")
+    with files.atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 
@@ -530,8 +514,7 @@ def write_report(rows: Iterable[dict], out_dir: str) -> dict:
         lines += [f"![{dataset}: accuracy vs bits]({rel_bits})", "",
                   f"![{dataset}: accuracy vs uplink]({rel_uplink})", ""]
     md_path = os.path.join(out_dir, "summary.md")
-    text = "\n".join(lines)
-    _atomic_write(md_path, lambda f: f.write(text), encoding="utf-8")
+    files.write_text(md_path, "\n".join(lines))
     return {"csv": csv_path, "markdown": md_path, "plots": plots}
 
 

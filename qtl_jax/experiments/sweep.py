@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 
+from qtl_jax import files
 from qtl_jax.experiments import report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -195,9 +196,7 @@ def _clock_invocation(workdir: str, start: bool, now: float | None = None) -> di
     elif parts and parts[-1][1] is None:
         parts[-1][1] = now
     clock = {"wall_s": sum(end - begin for begin, end in parts if end is not None), "invocations": parts}
-    from qtl_jax.models.convert import write_json
-
-    write_json(path, clock)
+    files.write_json(path, clock)
     return clock
 
 
@@ -210,13 +209,12 @@ def analyse(run: Run, out: str, max_samples: int) -> dict:
         with open(path) as f:
             return json.load(f)
     from qtl_jax.experiments import features
-    from qtl_jax.models.convert import write_json
 
     feats = features.client_features(stage_dir, "validation", max_samples)
     analysis = {"entropy": features.entropy_report(feats, run.bits if run.bits <= 8 else None)}
     if run.compressor == report.FP16:
         analysis["quality"] = features.quality_table(feats)
-    write_json(path, analysis)
+    files.write_json(path, analysis)
     return analysis
 
 
@@ -246,11 +244,9 @@ def run_record(run: Run, out: str, max_samples: int) -> dict | None:
     if os.path.isfile(wall_file):
         with open(wall_file) as f:
             wall = json.load(f)["wall_s"]
-    from qtl_jax.models.convert import write_json
-
     record = {"run": dataclasses.asdict(run), "summary": summary, "analysis": analyse(run, out, max_samples),
               "wall_s": wall}
-    write_json(os.path.join(workdir, RECORD), record)
+    files.write_json(os.path.join(workdir, RECORD), record)
     return record
 
 
@@ -363,9 +359,7 @@ def update_readme(readme: str, summary_md: str, command: str) -> None:
     head, rest = text.split(README_BEGIN, 1)
     _, tail = rest.split(README_END, 1)
     new = f"{head}{README_BEGIN}\n\nMade by `{command}`.\n\n{body}\n\n{README_END}{tail}"
-    with open(readme + ".tmp", "w") as f:
-        f.write(new)
-    os.replace(readme + ".tmp", readme)
+    files.write_text(readme, new)
 
 
 def _parse_set(items) -> dict:

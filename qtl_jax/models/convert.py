@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from qtl_jax import files
 from qtl_jax.models.openelm import OpenELMConfig
 from qtl_jax.models.siglip import SiglipConfig
 
@@ -216,21 +217,12 @@ def export_tensors(params: dict, entries: list[Entry], prefix: str = "") -> dict
 
 
 def save_folder(path: str, tensors: dict[str, np.ndarray], config: dict) -> None:
-    """Writes model.safetensors + config.json (each via a temporary file, then an atomic rename)."""
+    """Writes model.safetensors + config.json (each atomically)."""
     from safetensors.numpy import save_file
 
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "np"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    write_json(os.path.join(path, "config.json"), config)
-
-
-def write_json(file: str, value) -> None:
-    """Writes `value` as indented JSON via a temporary file, then an atomic rename."""
-    with open(file + ".tmp", "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(file + ".tmp", file)
+    with files.atomic_path(os.path.join(path, "model.safetensors")) as tmp:
+        save_file(tensors, tmp, metadata={"format": "np"})
+    files.write_json(os.path.join(path, "config.json"), config)
 
 
 # ------------------------------------------------------------------------------------------------- SigLIP
@@ -511,7 +503,7 @@ def export_tinyllava(params: dict, config, path: str) -> None:
                     "text_compressor.in_proj -> codec quantize. server: codec dequantize -> *_compressor.out_proj "
                     "-> rows spliced at the image placeholder -> language_model",
     }
-    write_json(os.path.join(path, EXPORT_NOTE), note)
+    files.write_json(os.path.join(path, EXPORT_NOTE), note)
 
 
 def load_export(path: str):

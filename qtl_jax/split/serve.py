@@ -24,12 +24,13 @@ Process 0 serves gRPC on `--address`; the others follow its steps. `--workdir` m
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import threading
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from qtl_jax import files
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/finetune.py", "Training config file (the client's).",
                                           lock_config=True)
@@ -153,9 +154,7 @@ def main(argv):
           + (f"; process 0 of {jax.process_count()}, the server mesh on {jax.device_count()} devices"
              if jax.process_count() > 1 else ""), flush=True)
     if _PORT_FILE.value:
-        with open(_PORT_FILE.value + ".tmp", "w") as f:
-            f.write(str(port))
-        os.replace(_PORT_FILE.value + ".tmp", _PORT_FILE.value)
+        files.write_text(_PORT_FILE.value, str(port))
     try:
         while not stop.wait(0.5):
             pass
