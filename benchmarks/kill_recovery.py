@@ -38,8 +38,8 @@ def smoke_flags(data_dir: str) -> list[str]:
     """The config of `tests/conftest.py:smoke_config` as flags (tests compare with the run made from that), with
     frequent checkpoints and one evaluated example (neither changes what is trained)."""
     return ["--config", os.path.join(ROOT, "configs", "finetune.py"), f"--config.data.data_dir={data_dir}",
-            "--config.data.shapes_config=smoke", "--config.optim.batch_size=4", "--config.stage1.optim.batch_size=4",
-            "--config.optim.min_steps=0", "--config.stage1.optim.min_steps=0",
+            "--config.data.shapes_config=smoke", "--config.data.buckets=(64,)", "--config.optim.batch_size=4",
+            "--config.stage1.optim.batch_size=4", "--config.optim.min_steps=0", "--config.stage1.optim.min_steps=0",
             f"--config.optim.max_steps={STEPS_PER_STAGE}", "--config.log_every=1", "--config.checkpoint_every=2",
             "--config.eval.max_examples=1", "--config.eval.batch_size=8", "--config.split.client_mesh=(2,1,1)",
             "--config.split.server_mesh=(1,2,2)"]

@@ -13,6 +13,13 @@ _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"qtl_jax_xla_cache_{_RUN}")
                       if _RUN else tempfile.mkdtemp(prefix="qtl_jax_xla_cache_"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# The suite is bound by XLA:CPU compile time (hundreds of small programs, each run a few times): LLVM's backend
+# optimisations take about a third of the CPU time and buy nothing at these sizes. JAX's switch for tests turns
+# them off: XLA's HLO passes (fusion, layouts, sharding) still run, only the machine code is less optimised, so a
+# value may round differently in its last bit than in an optimised build; no assertion depends on that, as the
+# programs compared within a test are compiled alike. In the environment, so the processes the tests start
+# inherit it; `JAX_DISABLE_MOST_OPTIMIZATIONS=0 make test` runs the suite with the compiler settings users get.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  (after the environment above)
 
@@ -26,8 +33,8 @@ import pytest  # noqa: E402
 
 
 def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
-    """The tiny preset on the smoke-sized Shapes-VQA, 3 steps a stage (stage 0 too, when on), 8 examples evaluated,
-    2 + 4 devices; `overrides` as {"section.field": value}.
+    """The tiny preset on the smoke-sized Shapes-VQA, 3 steps a stage (stage 0 too, when on), one bucket, 8 examples
+    evaluated, 2 + 4 devices; `overrides` as {"section.field": value}.
     The tfds folder is shared by the session (generated once)."""
     from configs.finetune import get_config as finetune_config
     from configs.pretrain import get_config as pretrain_config
@@ -35,6 +42,9 @@ def smoke_config(tmp_path_factory, stage="finetune", arg=None, **overrides):
     config = (finetune_config if stage == "finetune" else pretrain_config)(arg)
     config.data.data_dir = str(tmp_path_factory.getbasetemp() / "tfds")
     config.data.shapes_config = "smoke"
+    # One padded length (every smoke prompt fits in 64): each stage compiles its step once, not once per bucket;
+    # the bucketing itself is tested in tests/data/test_pipeline.py and tests/test_evaluate.py.
+    config.data.buckets = (64,)
     config.optim.batch_size = 4
     config.optim.min_steps = 0  # the steps follow the (tiny) data: tests count them
     if "stage1" in config:

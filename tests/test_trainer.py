@@ -121,7 +121,7 @@ def test_own_llava_data_with_the_tiny_preset(tmp_path, tmp_path_factory, capsys)
               "data.image_root": str(tmp_path / "images"), "data.on_bad_sample": "skip", "split.mode": "single",
               "optim.max_steps": 0, "optim.epochs": 1}
     stage1 = _config(tmp_path_factory, "pretrain", **common, **{"data.annotation_file": captions,
-                                                                "data.buckets": (32, 48)})
+                                                                "data.buckets": (48,)})
     summary = trainer.train_and_evaluate(stage1, str(tmp_path / "w1"))
     assert summary["steps"] == 24 // 4 and summary["skipped_samples"] == 1  # 25 records, 1 lost at conversion
     assert "text tokens exceed the largest bucket 48" in summary["skipped_reasons"][0]
@@ -158,8 +158,8 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path_factory, tmp_path):
     # As if killed after logging step 3 but before its checkpoint: resume from step 2, log 3 again.
     shutil.rmtree(resumed_dir / "pretrain" / "checkpoints" / "3")
     # Another config in the same workdir is refused before any work, naming the fields ...
-    other = _config(tmp_path_factory, "pretrain", **overrides, **{"optim.lr": 1e-3, "data.buckets": (64,)})
-    with pytest.raises(ValueError, match=r"(?s)another config.*data\.buckets: saved \[32, 48, 64\], now \[64\].*"
+    other = _config(tmp_path_factory, "pretrain", **overrides, **{"optim.lr": 1e-3, "data.buckets": (32, 64)})
+    with pytest.raises(ValueError, match=r"(?s)another config.*data\.buckets: saved \[64\], now \[32, 64\].*"
                                          r"optim\.lr: saved 0\.0003, now 0\.001"):
         trainer.train_and_evaluate(other, str(resumed_dir))
     # ... while stop_after, log and checkpoint cadence may change.
