@@ -13,9 +13,10 @@ The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert
 same function; the script prints the largest output difference as a check. Median of --repeats runs after
 one warm-up (compilation excluded; torch.compile's compile time is printed apart). fp32 throughout.
 
-XLA:CPU runs matmuls with Eigen by default, about 0.8x the speed of PyTorch's (oneDNN) on this machine; with
-XNNPACK (`XLA_FLAGS=--xla_cpu_use_xnnpack=true`, set before JAX starts) they run at or above it. Run the script
-both ways; the header prints the flags in effect.
+XLA:CPU runs matmuls with Eigen by default, about 0.8x the speed of PyTorch's (oneDNN) on this machine. XNNPACK
+(`XLA_FLAGS=--xla_cpu_use_xnnpack=true`, set before JAX starts) is the other path: on an idle 2-core run it made
+OpenELM's backward faster and SigLIP no faster (README, Performance). Run the script both ways; the header prints
+the flags in effect.
 
     python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm] [--skip-compile] [--profile]
 """
