@@ -111,6 +111,8 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
     pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     tower = SiglipVisionTower(cfg)
     forward = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
+    tower_xla = SiglipVisionTower(dataclasses.replace(cfg, attention="xla"))
+    forward_xla = jax.jit(lambda p, x: tower_xla.apply({"params": p}, x)[0])
 
     def run_torch(model=hf):
         with torch.inference_mode():
@@ -119,9 +121,12 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
     diff = float(np.abs(np.asarray(forward(params, images)) - run_torch().numpy()).max())
     t_jax = timed(lambda: forward(params, images).block_until_ready(), repeats)
     t_torch = timed(run_torch, repeats)
+    t_xla = timed(lambda: forward_xla(params, images).block_until_ready(), repeats)
     flops = siglip_flops(cfg, cfg.layers_used)
     report("SigLIP so400m forward (26 layers, batch 1, 729 patches)", t_jax, t_torch, flops, peak,
            f"max |diff| {diff:.2e}")
+    print(f"  with XLA's attention instead of the blocked one (attention='xla'): {t_xla:.3f} s, jax/torch "
+          f"{t_torch / t_xla:.2f}x")
     if compile_torch:
         t_comp, first = compiled_time(hf, run_torch, repeats)
         print(f"  torch.compile: {t_comp:.3f} s (first run {first:.0f} s), jax/torch.compile speed-up "
@@ -151,6 +156,9 @@ def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, prof
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     forward = jax.jit(loss_fn)
+    model_xla = OpenELM(dataclasses.replace(cfg, attention="xla"))
+    step_xla = jax.jit(jax.value_and_grad(
+        lambda p: cross_entropy(model_xla.apply({"params": p}, jnp.asarray(ids))[0], jnp.asarray(labels))[0]))
     ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
 
     def torch_loss(model):
@@ -176,9 +184,12 @@ def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, prof
     t_torch = timed(run_torch, repeats)
     f_jax = timed(lambda: jax.block_until_ready(forward(params)), repeats)
     f_torch = timed(run_torch_forward, repeats)
+    t_xla = timed(lambda: jax.block_until_ready(step_xla(params)), repeats)
     flops = 3 * openelm_fwd_flops(cfg, seq)
     report(f"OpenELM-270M forward+backward (batch 1, {seq} tokens)", t_jax, t_torch, flops, peak,
            f"|loss diff| {diff:.2e}")
+    print(f"  with XLA's attention instead of the blocked one (attention='xla'): {t_xla:.3f} s, jax/torch "
+          f"{t_torch / t_xla:.2f}x")
     print(f"  forward alone: jax {f_jax:.3f} s, torch {f_torch:.3f} s (jax/torch {f_torch / f_jax:.2f}x); "
           f"backward / forward: jax {(t_jax - f_jax) / f_jax:.2f}, torch {(t_torch - f_torch) / f_torch:.2f} "
           f"(2 is the FLOP ratio)")
@@ -222,6 +233,35 @@ def openelm_profile(cfg, params, seq: int, repeats: int, total: float, total_for
               f"backward/forward {(b - f) / f:.2f}")
     rest = (total_forward - summed[0], total - summed[1])
     print(f"    {'the rest (norms, embedding, glue)':<36} {rest[0]:7.3f} / {rest[1]:7.3f} s")
+    attention_kernels(cfg, seq, repeats)
+
+
+def attention_kernels(cfg, seq: int, repeats: int) -> None:
+    """The attention alone (softmax(q k^T / sqrt(d)) v, causal, grouped-query) over OpenELM's 16 layers' head
+    counts, forward + backward w.r.t. q, k, v: qtl_jax's blocked and XLA implementations and PyTorch's
+    `scaled_dot_product_attention` (its CPU flash kernel)."""
+    from qtl_jax.layers import attention
+
+    shapes = list(zip(cfg.num_query_heads, cfg.num_kv_heads, strict=True))
+    rng = np.random.default_rng(0)
+    inputs = [[rng.standard_normal((1, seq, h, cfg.head_dim)).astype(np.float32) for h in (n_q, n_kv, n_kv)]
+              for n_q, n_kv in shapes]
+    arrays = [[jnp.asarray(x) for x in qkv] for qkv in inputs]
+    times = {}
+    for impl in ("blocked", "xla"):
+        loss = lambda q, k, v, impl=impl: jnp.sum(attention(q, k, v, causal=True, implementation=impl))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        times[impl] = timed(lambda grad=grad: jax.block_until_ready([grad(*qkv) for qkv in arrays]), repeats)
+    tensors = [[torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_() for x in qkv] for qkv in inputs]
+
+    def run_torch():
+        for q, k, v in tensors:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+    times["torch"] = timed(run_torch, repeats)
+    blocked, xla, sdpa = times["blocked"], times["xla"], times["torch"]
+    print(f"  attention alone, forward + backward over the 16 layers: jax blocked {blocked:.3f} s, XLA {xla:.3f} s, "
+          f"torch SDPA {sdpa:.3f} s (blocked vs torch {sdpa / blocked:.2f}x, blocked vs XLA {xla / blocked:.2f}x)")
 
 
 def main() -> None:

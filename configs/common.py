@@ -76,6 +76,9 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # What each SigLIP / OpenELM layer keeps for the backward pass: none | full | dots | dots_no_batch
     # (`qtl_jax.layers.REMAT_POLICIES`). Changes memory and speed, not the result.
     c.model.remat = "none"
+    # Which attention code runs: auto (XLA's, cuDNN flash on a GPU in bf16, blocked on a CPU for long sequences)
+    # | xla | blocked (`qtl_jax.layers.attention`). Changes speed, not the result (to float rounding).
+    c.model.attention = "auto"
     # SigLIP's layers as one nn.scan over stacked parameters (compile time independent of depth) instead of an
     # unrolled loop; the parameter layout differs, so a run resumes only with the value it started with.
     # OpenELM's layers always unroll: layer-wise scaling gives each its own shapes.

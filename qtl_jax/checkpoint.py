@@ -44,7 +44,7 @@ RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every", "eval.", "dat
 
 # Fields added after runs were saved, with the value that trains what those runs trained: a saved config without
 # one reads as that value (so a run started before the field existed resumes), any other value still differs.
-ADDED_FIELDS = {"compressor.scale": "tensor"}
+ADDED_FIELDS = {"compressor.scale": "tensor", "model.attention": "auto"}
 
 
 def latest_step(stage_dir: str) -> int | None:

@@ -74,7 +74,7 @@ class AttentionPool(nn.Module):
         q = split(proj("q_proj")(jnp.broadcast_to(probe, (x.shape[0], 1, cfg.width))))
         k, v = split(proj("k_proj")(x)), split(proj("v_proj")(x))
         pooled = dense(cfg.width, ("heads", "embed"), name="out_proj")(
-            attention(q, k, v).reshape(x.shape[0], cfg.width))
+            attention(q, k, v, implementation=cfg.attention).reshape(x.shape[0], cfg.width))
         h = layer_norm(cfg.layer_norm_eps, "layer_norm")(pooled)
         h = nn.gelu(dense(cfg.mlp_dim, ("embed", "mlp"), name="fc1")(h), approximate=True)
         return pooled + dense(cfg.width, ("mlp", "embed"), name="fc2")(h)

@@ -172,11 +172,11 @@ def model_config(config, vocab_size: int) -> T.TinyLlavaConfig:
     if vocab_size > lm.vocab_size:
         raise ValueError(f"config.data.tokenizer has {vocab_size} tokens, more than the model's vocabulary "
                          f"{lm.vocab_size}")
-    remat = config.model.get("remat", "none")
-    vision = dataclasses.replace(SIGLIP_TINY if tiny else SIGLIP_SO400M, remat=remat,
+    speed = {"remat": config.model.get("remat", "none"), "attention": config.model.get("attention", "auto")}
+    vision = dataclasses.replace(SIGLIP_TINY if tiny else SIGLIP_SO400M, **speed,
                                  scan_layers=config.model.get("scan_layers", False))
     return T.TinyLlavaConfig(
-        vision=vision, lm=dataclasses.replace(lm, remat=remat),
+        vision=vision, lm=dataclasses.replace(lm, **speed),
         image_codec=_codec(config, config.compressor.image), text_codec=_codec(config, config.compressor.text),
         text_transport=config.compressor.text_transport, commitment_weight=config.compressor.commitment_weight)
 

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl_jax.layers import RMSNorm, attention, check_remat, dense, remat
+from qtl_jax.layers import RMSNorm, attention, check_attention, check_remat, dense, remat
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -72,9 +72,12 @@ class OpenELMConfig:
     # What each layer keeps for the backward (`qtl_jax.layers.REMAT_POLICIES`); a memory/speed knob, not part
     # of the model: equal models compare equal whatever it is.
     remat: str = dataclasses.field(default="none", compare=False)
+    # Which attention code runs (`qtl_jax.layers.attention`: auto | xla | blocked); a speed knob, not the model.
+    attention: str = dataclasses.field(default="auto", compare=False)
 
     def __post_init__(self):
         check_remat(self.remat)
+        check_attention(self.attention)
         # As the reference: qkv_multipliers is always a (start, end) pair; ffn_multipliers may be the pair or
         # the expanded per-layer list (released config.json files store the list). Store the expanded list,
         # so that equal models have equal configs.
@@ -191,9 +194,9 @@ class OpenELMAttention(nn.Module):
                      "v": write(cache["v"], v.astype(cache["v"].dtype), positions)}
             k, v = cache["k"].astype(self.dtype), cache["v"].astype(self.dtype)
             mask = jnp.arange(k.shape[1])[None, None, None, :] <= positions[:, None, :, None]
-            out = attention(q, k, v, mask=mask)
+            out = attention(q, k, v, mask=mask, implementation=cfg.attention)
         else:
-            out = attention(q, k, v, causal=True, kv_lengths=lengths)
+            out = attention(q, k, v, causal=True, kv_lengths=lengths, implementation=cfg.attention)
         out = out.reshape(*x.shape[:2], n_q * dh)
         return dense(cfg.model_dim, ("heads", "embed"), name="out_proj", use_bias=False, dtype=self.dtype)(out), cache
 

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qtl_jax.layers import attention, check_remat, dense, layer_norm, remat
+from qtl_jax.layers import attention, check_attention, check_remat, dense, layer_norm, remat
 
 SELECT_MODES = ("drop_first", "all")
 
@@ -59,9 +59,12 @@ class SiglipConfig:
     # function; the parameter layout differs (`stack_layers` / `unstack_layers` convert, checkpoint conversion
     # handles both), so the trainer's resume check keeps a run on the layout it started with.
     scan_layers: bool = dataclasses.field(default=False, compare=False)
+    # Which attention code runs (`qtl_jax.layers.attention`: auto | xla | blocked); a speed knob, not the model.
+    attention: str = dataclasses.field(default="auto", compare=False)
 
     def __post_init__(self):
         check_remat(self.remat)
+        check_attention(self.attention)
         if self.width % self.num_heads:
             raise ValueError(f"SigLIP width {self.width} is not divisible by num_heads {self.num_heads}")
         if self.select not in SELECT_MODES:
@@ -104,7 +107,7 @@ class SiglipAttention(nn.Module):
         proj = lambda name: dense(cfg.width, ("embed", "heads"), name=name, dtype=self.dtype)
         split = lambda t: t.reshape(*t.shape[:-1], cfg.num_heads, head_dim)
         q, k, v = (split(proj(name)(x)) for name in ("q_proj", "k_proj", "v_proj"))
-        out = attention(q, k, v, kv_lengths=kv_lengths).reshape(*x.shape[:-1], cfg.width)
+        out = attention(q, k, v, kv_lengths=kv_lengths, implementation=cfg.attention).reshape(*x.shape[:-1], cfg.width)
         return dense(cfg.width, ("heads", "embed"), name="out_proj", dtype=self.dtype)(out)
 
 

@@ -87,6 +87,23 @@ def test_on_device_greedy_equals_host_loop_and_uncached_decoding(lm):
     np.testing.assert_array_equal(on_device, _uncached_greedy(model, params, np.asarray(ids), LENGTHS, 10))
 
 
+def test_blocked_attention_generates_the_same_tokens(lm, monkeypatch):
+    """The prefill (the cache's mask) and the uncached reference (padding lengths) through the blocked attention,
+    as they run at paper size on a CPU: the same tokens as with XLA's attention."""
+    from qtl_jax import layers
+
+    model, params, ids = lm
+    ref = generate(model, params, input_ids=ids, lengths=LENGTHS, max_new_tokens=10, eos_id=-1)
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK", 2)
+    _generate_on_device.clear_cache()  # compiled with the other attention
+    try:
+        np.testing.assert_array_equal(
+            generate(model, params, input_ids=ids, lengths=LENGTHS, max_new_tokens=10, eos_id=-1), ref)
+        np.testing.assert_array_equal(_uncached_greedy(model, params, np.asarray(ids), LENGTHS, 10), ref)
+    finally:
+        _generate_on_device.clear_cache()
+
+
 def test_eos_stops_rows_and_the_loop_on_the_device(lm):
     model, params, ids = lm
     free = generate(model, params, input_ids=ids, lengths=LENGTHS, max_new_tokens=12, eos_id=-1)
