@@ -13,8 +13,11 @@ The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert
 same function; the script prints the largest output difference as a check. Median of --repeats runs after
 one warm-up (compilation excluded; torch.compile's compile time is printed apart). fp32 throughout.
 
-XLA:CPU runs matmuls with Eigen by default, about 0.8x the speed of PyTorch's (oneDNN) on this machine. XNNPACK
-(`XLA_FLAGS=--xla_cpu_use_xnnpack=true`, set before JAX starts) is the other path: on an idle 2-core run it made
+JAX runs with each model's default attention (on a CPU the blocked one, `qtl_jax.layers.blocked_attention`) and,
+for the before/after, with `attention="xla"` (`jax.nn.dot_product_attention`); `--profile` also times the
+attention alone against torch's `scaled_dot_product_attention`. jaxlib 0.10.2 runs XLA:CPU's matmuls as YNNPACK
+fusions, 0.7-0.95x PyTorch's rate on the model's shapes here. XNNPACK
+(`XLA_FLAGS=--xla_cpu_use_xnnpack=true`, set before JAX starts) is another path: on an idle 2-core run it made
 OpenELM's backward faster and SigLIP no faster (README, Performance). Run the script both ways; the header prints
 the flags in effect.
 

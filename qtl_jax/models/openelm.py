@@ -10,7 +10,8 @@ per-head RMSNorm on q and k, RoPE (rotate-half, float32, positions 0..L-1), grou
 query head j reads kv head j // group (`repeat`, not tiling), SwiGLU FFN whose first half is the gate, no
 biases anywhere, RMSNorm eps 1e-6 in float32, and a tied output head (logits = h @ token_embeddings.T).
 
-Attention (`qtl_jax.layers.attention`, i.e. `jax.nn.dot_product_attention`: cuDNN flash on GPU in bf16): without
+Attention (`qtl_jax.layers.attention`, `OpenELMConfig.attention`: cuDNN flash on a GPU in bf16, the blocked
+attention on a CPU for long sequences, `jax.nn.dot_product_attention` elsewhere): without
 a cache, causal plus the right-padding key lengths; with a KV cache (generation), keys
 are valid when their absolute position is <= the query's, which holds for right-padded prompts because each
 row's generated tokens overwrite its own padding slots in order (see `qtl_jax.models.generate`).
