@@ -215,11 +215,12 @@ def test_only_fields_that_change_training_block_a_resume():
     current.stop_after, current.eval.batch_size, current.data.eval_files = 5, 1, "x=a.json"
     assert checkpoint.config_differences(saved, current) == []
     # A field added since the run was saved: its absence reads as the value that trains the same, no other.
-    del saved.compressor["scale"]
+    del saved.compressor["scale"], saved.model["attention"]
     assert checkpoint.config_differences(saved, current) == []
-    current.compressor.scale = "channel"
-    assert checkpoint.config_differences(saved, current) == ["compressor.scale: saved 'tensor', now 'channel'"]
-    current.compressor.scale = "tensor"
+    current.compressor.scale, current.model.attention = "channel", "xla"
+    assert checkpoint.config_differences(saved, current) == [
+        "compressor.scale: saved 'tensor', now 'channel'", "model.attention: saved 'auto', now 'xla'"]
+    current.compressor.scale, current.model.attention = "tensor", "auto"
     current.data.buckets, current.optim.lr = (64,), 1e-3
     assert checkpoint.config_differences(saved, current) == [
         "data.buckets: saved [32, 48, 64], now [64]", "optim.lr: saved 0.0003, now 0.001"]
