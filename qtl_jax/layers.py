@@ -75,8 +75,9 @@ def attention(
 
     Which code computes it ("auto"): on a GPU in bf16/fp16 without an explicit `mask`, cuDNN's fused flash
     attention (no score matrix in memory); on a CPU, when the grouped query rows (Hq / Hkv x Lq) fill at
-    least two blocks, `blocked_attention` (the query rows in blocks of `ATTENTION_BLOCK`, its own backward:
-    2.5-3x faster than XLA's whole-matrix attention at the paper's sizes, `benchmarks/models.py`); everywhere
+    least two blocks, `blocked_attention` (the query rows in blocks of `ATTENTION_BLOCK`, its own backward; at
+    the paper's sizes its forward + backward ran 1.35-1.5x faster than XLA's whole-matrix attention,
+    `benchmarks/models.py --profile`); everywhere
     else, and whenever cuDNN refuses a shape, `jax.nn.dot_product_attention`'s XLA path. All of them mask with
     the finite -0.7 * float32 max, so that a fully masked row averages all values instead of giving NaN.
     """
