@@ -77,9 +77,9 @@ def attention(
     attention (no score matrix in memory); on a CPU, when the grouped query rows (Hq / Hkv x Lq) fill at
     least two blocks, `blocked_attention` (the query rows in blocks of `ATTENTION_BLOCK`, its own backward; at
     the paper's sizes its forward + backward ran 1.35-1.5x faster than XLA's whole-matrix attention,
-    `benchmarks/models.py --profile`); everywhere
-    else, and whenever cuDNN refuses a shape, `jax.nn.dot_product_attention`'s XLA path. All of them mask with
-    the finite -0.7 * float32 max, so that a fully masked row averages all values instead of giving NaN.
+    `benchmarks/models.py --profile`); everywhere else, and whenever cuDNN refuses a shape,
+    `jax.nn.dot_product_attention`'s XLA path. All of them mask with the finite -0.7 * float32 max, so that a
+    fully masked row averages all values instead of giving NaN.
     """
     check_attention(implementation)
     if kv_lengths is not None:
@@ -118,8 +118,8 @@ def blocked_attention(
     Each kv head's query rows (its Hq / Hkv query heads x Lq) are cut into blocks; a loop over the blocks
     computes each block's scores, softmax and output, so the score matrix never exists whole and each block's
     scores stay in the cache. The backward pass is its own (`jax.custom_vjp`, FlashAttention-2's): it keeps only
-    the output and each row's softmax statistics, recomputes a block's probabilities from them, and accumulates the key
-    and value gradients over the blocks. Its matmuls are written so that XLA:CPU transposes only [rows, Dh]
+    the output and each row's softmax statistics, recomputes a block's probabilities from them, and accumulates
+    the key and value gradients over the blocks. Its matmuls are written so that XLA:CPU transposes only [rows, Dh]
     operands, never a score block. The same function as `jax.nn.dot_product_attention` (tested to float32
     rounding, values and gradients, with every mask).
     """
@@ -130,8 +130,7 @@ def blocked_attention(
         raise ValueError(f"query heads ({hq}) must be a multiple of kv heads ({hkv})")
     groups = hq // hkv
     rows = groups * lq
-    blocks = -(-rows // block)
-    pad = blocks * block - rows
+    pad = -rows % block  # the last block filled with zero rows
     # [B, Lq, Hkv, G, Dh] -> [B, Hkv, G * Lq, Dh]: row r of kv head h is query position r % Lq of head h*G + r//Lq
     qg = q.reshape(batch, lq, hkv, groups, dh).transpose(0, 2, 3, 1, 4).reshape(batch, hkv, rows, dh)
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, pad), (0, 0)))
@@ -157,7 +156,7 @@ def _block_logits(qb, k, i, mask, lengths, causal, lq, block):
         by_length = keys[None, None, None, :] < lengths[:, None, None, None]
         valid = by_length if valid is None else valid & by_length
     if mask is not None:
-        mb = jax.lax.dynamic_slice_in_dim(mask, i * block, block, axis=2)
+        mb = _row_block(mask, i, block)
         valid = mb if valid is None else valid & mb
     if valid is None:
         return s, None
