@@ -27,6 +27,7 @@ the flags in effect.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -38,6 +39,7 @@ import torch
 from peers import openelm_torch
 from timing import timed
 
+from qtl_jax import layers
 from qtl_jax.models import convert
 from qtl_jax.models.openelm import OPENELM_270M, OpenELM
 from qtl_jax.models.siglip import SIGLIP_SO400M, SiglipVisionTower, stack_layers
@@ -98,10 +100,10 @@ def compiled_time(module, run, repeats: int) -> tuple[float, float]:
     return timed(lambda: run(compiled), repeats), first
 
 
-def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
+def siglip_pair(cfg):
+    """(transformers SiglipVisionModel, the same weights as qtl_jax params, images NHWC, the same as torch NCHW)."""
     from transformers import SiglipVisionConfig, SiglipVisionModel
 
-    cfg = SIGLIP_SO400M
     torch.manual_seed(0)
     hf = SiglipVisionModel(SiglipVisionConfig(
         hidden_size=cfg.width, intermediate_size=cfg.mlp_dim, num_hidden_layers=cfg.layers_used,
@@ -111,7 +113,26 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
     params = jax.device_put(convert._import_siglip(weights, cfg, "transformers SiglipVisionModel"))
     del weights
     images = np.random.default_rng(0).uniform(-1, 1, (1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
-    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    return hf, params, images, torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+
+
+def openelm_pair(cfg, seq: int):
+    """(openelm-pytorch model, the same weights as qtl_jax params, token ids, targets) at batch 1."""
+    tm, params = openelm_torch(cfg)
+    rng = np.random.default_rng(0)
+    return tm, params, rng.integers(0, cfg.vocab_size, (1, seq)), rng.integers(0, cfg.vocab_size, (1, seq))
+
+
+def openelm_torch_loss(model, ids, labels):
+    # use_kv_cache=True: openelm-pytorch 0.1.0's path without it gives other logits (max |diff| 5.5 at 128
+    # tokens); the cache path is the one the parity tests check against this port.
+    logits = model(torch.from_numpy(ids), use_kv_cache=True)["logits"]
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), torch.from_numpy(labels)[0, 1:])
+
+
+def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
+    cfg = SIGLIP_SO400M
+    hf, params, images, pixels = siglip_pair(cfg)
     tower = SiglipVisionTower(cfg)
     forward = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
     tower_xla = SiglipVisionTower(dataclasses.replace(cfg, attention="xla"))
@@ -147,10 +168,7 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
 
 def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, profile: bool) -> None:
     cfg = OPENELM_270M
-    tm, params = openelm_torch(cfg)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, cfg.vocab_size, (1, seq))
-    labels = rng.integers(0, cfg.vocab_size, (1, seq))
+    tm, params, ids, labels = openelm_pair(cfg, seq)
     model = OpenELM(cfg)
 
     def loss_fn(p):
@@ -162,23 +180,16 @@ def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, prof
     model_xla = OpenELM(dataclasses.replace(cfg, attention="xla"))
     step_xla = jax.jit(jax.value_and_grad(
         lambda p: cross_entropy(model_xla.apply({"params": p}, jnp.asarray(ids))[0], jnp.asarray(labels))[0]))
-    ids_t, labels_t = torch.from_numpy(ids), torch.from_numpy(labels)
-
-    def torch_loss(model):
-        # use_kv_cache=True: openelm-pytorch 0.1.0's path without it gives other logits (max |diff| 5.5 at 128
-        # tokens); the cache path is the one the parity tests check against this port.
-        logits = model(ids_t, use_kv_cache=True)["logits"]
-        return torch.nn.functional.cross_entropy(logits[0, :-1], labels_t[0, 1:])
 
     def run_torch(model=tm):
         tm.zero_grad(set_to_none=True)
-        loss = torch_loss(model)
+        loss = openelm_torch_loss(model, ids, labels)
         loss.backward()
         return loss
 
     def run_torch_forward():
         with torch.no_grad():
-            return torch_loss(tm)
+            return openelm_torch_loss(tm, ids, labels)
 
     diff = abs(float(step(params)[0]) - float(run_torch().detach()))
     print(f"  jax compile: forward+backward {compile_seconds(step, params):.1f} s (16 layers unrolled: layer-wise "
@@ -267,6 +278,79 @@ def attention_kernels(cfg, seq: int, repeats: int) -> None:
           f"torch SDPA {sdpa:.3f} s (blocked vs torch {sdpa / blocked:.2f}x, blocked vs XLA {xla / blocked:.2f}x)")
 
 
+def matmul_rates_bf16(n: int = 2048, repeats: int = 5) -> str:
+    """bf16 2048^3 matmul rates: JAX bf16 x bf16 -> f32 (what `layers.bf16_matmul` asks for), JAX bf16 -> bf16
+    (a plain bf16 dot), torch bf16."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    rates = {}
+    for name, out in (("jax bf16->f32", jnp.float32), ("jax bf16->bf16", None)):
+        mm = jax.jit(lambda a, out=out: jnp.dot(a, a, preferred_element_type=out))
+        rates[name] = 2 * n**3 / timed(lambda mm=mm: mm(a).block_until_ready(), repeats)
+    at = torch.randn(n, n, dtype=torch.bfloat16)
+    rates["torch bf16"] = 2 * n**3 / timed(lambda: at @ at, repeats)
+    return ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items()) + " GFLOP/s"
+
+
+@contextlib.contextmanager
+def plain_bf16_dense():
+    """Trace the models with `nn.Dense`'s plain `lax.dot_general` (the code before `layers.bf16_matmul`)."""
+    saved = layers.dense_dot_general
+    layers.dense_dot_general = jax.lax.dot_general
+    try:
+        yield
+    finally:
+        layers.dense_dot_general = saved
+
+
+def bench_bf16(repeats: int, seq: int) -> None:
+    """Both models in bf16 compute with float32 weights (the paper preset's dtype): JAX with `layers.dense` as it
+    is (bf16 x bf16 -> f32 matmuls, `layers.bf16_matmul`), JAX with plain bf16 dots, JAX in float32, and PyTorch
+    eager under `torch.autocast("cpu", torch.bfloat16)` (how a PyTorch user runs bf16 with float32 weights) and
+    in float32, on the same weights."""
+    bf16, autocast = jnp.bfloat16, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    print(f"bf16 matmul rates: {matmul_rates_bf16()}")
+    cfg = SIGLIP_SO400M
+    hf, params, images, pixels = siglip_pair(cfg)
+    times = {}
+    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dots", bf16), ("jax fp32", jnp.float32)):
+        with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
+            tower = SiglipVisionTower(cfg, dtype=dtype)
+            forward = jax.jit(lambda p, x, tower=tower: tower.apply({"params": p}, x)[0])
+            times[name] = timed(lambda forward=forward: forward(params, images).block_until_ready(), repeats)
+    for name, context in (("torch bf16 autocast", autocast), ("torch fp32", contextlib.nullcontext)):
+        def run(context=context, hf=hf):
+            with torch.inference_mode(), context():
+                return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+        times[name] = timed(run, repeats)
+    bf16_report("SigLIP so400m forward (26 layers, batch 1)", times)
+    del hf, params
+
+    cfg = OPENELM_270M
+    tm, params, ids, labels = openelm_pair(cfg, seq)
+    times = {}
+    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dots", bf16), ("jax fp32", jnp.float32)):
+        with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
+            model = OpenELM(cfg, dtype=dtype)
+            step = jax.jit(jax.value_and_grad(
+                lambda p, model=model: cross_entropy(model.apply({"params": p}, jnp.asarray(ids))[0],
+                                                     jnp.asarray(labels))[0]))
+            times[name] = timed(lambda step=step: jax.block_until_ready(step(params)), repeats)
+    for name, context in (("torch bf16 autocast", autocast), ("torch fp32", contextlib.nullcontext)):
+        def run(context=context):
+            tm.zero_grad(set_to_none=True)
+            with context():
+                loss = openelm_torch_loss(tm, ids, labels)
+            loss.backward()
+        times[name] = timed(run, repeats)
+    bf16_report(f"OpenELM-270M forward+backward (batch 1, {seq} tokens)", times)
+
+
+def bf16_report(title: str, times: dict[str, float]) -> None:
+    ours = times["jax bf16"]
+    print(f"{title}, seconds (and jax bf16's speed-up against each):")
+    print("    " + ", ".join(f"{k} {v:.3f} s ({v / ours:.2f}x)" for k, v in times.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -275,6 +359,8 @@ def main() -> None:
     parser.add_argument("--skip-openelm", action="store_true")
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile peers")
     parser.add_argument("--profile", action="store_true", help="OpenELM: time attention, FFN and head apart")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also both models in bf16 compute: JAX (and with plain bf16 dots) vs torch autocast")
     args = parser.parse_args()
     print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
@@ -285,6 +371,8 @@ def main() -> None:
         bench_siglip(args.repeats, peak, not args.skip_compile)
     if not args.skip_openelm:
         bench_openelm(args.repeats, peak, args.seq, not args.skip_compile, args.profile)
+    if args.bf16:
+        bench_bf16(args.repeats, args.seq)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,74 @@ def test_models_through_blocked_attention(monkeypatch):
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1]), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(got[2], ref[2], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ bf16 matmul
+_ULP = 2.0**-7  # one bf16 unit in the last place, relative to the value (at most)
+
+
+def _bf16(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.bfloat16)
+
+
+def _f32(x):
+    return np.asarray(x, np.float32)
+
+
+def test_bf16_matmul_is_float32_accumulation_rounded_once():
+    """Values: x @ kernel computed in float32 from the bf16 inputs, rounded once to bf16 (half an ulp at most),
+    and within one ulp of the plain bf16 `lax.dot_general`. Gradients (a bf16-exact cotangent): dx = g @ kernel.T
+    and dkernel = x.T @ g, each in float32 rounded once; the batch axes of x fold into the kernel's gradient."""
+    x, kernel = _bf16((3, 5, 96), 0), _bf16((96, 40), 1)
+    exact = np.einsum("bsk,kn->bsn", _f32(x), _f32(kernel))
+    out = jax.jit(layers.bf16_matmul)(x, kernel)
+    assert out.dtype == jnp.bfloat16 and out.shape == (3, 5, 40)
+    np.testing.assert_allclose(_f32(out), exact, rtol=_ULP / 2, atol=1e-6)
+    plain = jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ())))
+    np.testing.assert_allclose(_f32(out), _f32(plain), rtol=_ULP, atol=1e-6)
+
+    g = _f32(_bf16((3, 5, 40), 2))
+    loss = lambda x, kernel: jnp.sum(layers.bf16_matmul(x, kernel).astype(jnp.float32) * g)
+    dx, dkernel = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
+    assert dx.dtype == dkernel.dtype == jnp.bfloat16
+    np.testing.assert_allclose(_f32(dx), np.einsum("bsn,kn->bsk", g, _f32(kernel)), rtol=_ULP / 2, atol=1e-6)
+    np.testing.assert_allclose(_f32(dkernel), np.einsum("bsk,bsn->kn", _f32(x), g), rtol=_ULP / 2, atol=1e-6)
+
+
+def test_dense_takes_bf16_matmul_on_cpu_in_bf16_only():
+    """`layers.dense` in bf16 on a CPU runs `bf16_matmul` (a custom_vjp in its jaxpr) and gives the plain
+    `nn.Dense`'s output and gradients to bf16 rounding, also under remat and with its input sharded; float32,
+    an explicit precision or other dimension numbers keep `lax.dot_general`."""
+    import flax.linen as nn
+
+    assert jax.default_backend() == "cpu"
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 6, 32)), jnp.float32)
+    ours, plain = layers.dense(24, ("embed", "mlp"), name="d", dtype=jnp.bfloat16), nn.Dense(24, dtype=jnp.bfloat16)
+    params = nn.unbox(ours.init(jax.random.key(0), x))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(lambda p: ours.apply(p, x))(params))
+    f32 = layers.dense(24, ("embed", "mlp"), name="d")
+    assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: f32.apply(p, x))(params))
+    bf = jnp.bfloat16
+    for kwargs, takes in (({}, True), ({"precision": jax.lax.Precision.HIGHEST}, False),
+                          ({"preferred_element_type": jnp.float32}, False)):
+        jaxpr = jax.make_jaxpr(lambda a, b, kw=kwargs: layers.dense_dot_general(a, b, (((2,), (0,)), ((), ())), **kw))
+        assert ("custom_vjp_call" in str(jaxpr(x.astype(bf), jnp.zeros((32, 8), bf)))) == takes, kwargs
+    transposed = jax.make_jaxpr(lambda a, b: layers.dense_dot_general(a, b, (((0,), (0,)), ((), ()))))
+    assert "custom_vjp_call" not in str(transposed(jnp.zeros((32, 6), bf), jnp.zeros((32, 8), bf)))
+
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((4, 6, 24)), jnp.float32)
+
+    def value_and_grads(module, x):
+        loss = lambda p, x: jnp.sum(module.apply(p, x).astype(jnp.float32) * weights)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+    (ref, ref_grads) = value_and_grads(plain, x)
+    mesh = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded = jax.device_put(x, NamedSharding(mesh, P("data", None, "tensor")))
+    rematted = nn.remat(nn.Dense, policy=jax.checkpoint_policies.checkpoint_dots)(
+        24, dtype=jnp.bfloat16, dot_general=layers.dense_dot_general)
+    for module, inputs in ((ours, x), (ours, sharded), (rematted, x)):
+        got, grads = value_and_grads(module, inputs)
+        np.testing.assert_allclose(got, ref, rtol=1e-2)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(_f32(a), _f32(b), rtol=2 * _ULP, atol=2 * _ULP * float(np.abs(_f32(b)).max()))

@@ -256,8 +256,13 @@ class OpenELM(nn.Module):
         return self.token_embeddings(input_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Final hidden states float[..., D] (from `hidden`) -> float32[..., vocab] logits of the tied head."""
-        return self.token_embeddings.attend(hidden).astype(jnp.float32)
+        """Final hidden states float[..., D] (from `hidden`) -> float32[..., vocab] logits of the tied head.
+
+        The matmul runs in the compute dtype and accumulates straight into the float32 logits (in bf16 that is
+        also the form XLA:CPU's fast bf16 kernels take; see `layers.bf16_matmul`)."""
+        embedding = self.token_embeddings.embedding.astype(self.dtype)
+        return jax.lax.dot_general(hidden.astype(self.dtype), embedding, (((hidden.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
 
     def __call__(
         self,
