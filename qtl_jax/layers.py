@@ -236,9 +236,9 @@ def bf16_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     The same numbers as a plain bf16 `lax.dot_general` (XLA:CPU computes that in float32 too), asked for in
     the form XLA:CPU (jaxlib 0.10) hands to its YNNPACK bf16 kernels: bf16 x bf16 -> f32. A plain bf16 dot
     (bf16 out) and one with a transposed left operand are refused by them and run as float32 matmuls instead;
-    so the backward is written here too: dx = g @ kernel.T the same fast way, and the kernel's gradient in the
-    same form (its left operand is x transposed, which XLA:CPU still runs as a float32 matmul; GPUs and TPUs
-    take it as it is). `benchmarks/models.py --dtype bfloat16` measures the difference.
+    so the backward is written here too: dx = g @ kernel.T the same fast way, and the kernel's gradient
+    x.T @ g with x transposed in memory first (`_transposed_copy`). `benchmarks/models.py --bf16` measures the
+    difference. Meant for XLA:CPU: `dense_dot_general` picks it there.
     """
     return _f32_dot(x, kernel, ((x.ndim - 1,), (0,))).astype(x.dtype)
 
@@ -251,8 +251,24 @@ def _bf16_matmul_bwd(residuals, g):
     x, kernel = residuals
     g = g.astype(x.dtype)
     dx = _f32_dot(g, kernel, ((g.ndim - 1,), (1,))).astype(x.dtype)
-    rows = lambda a: a.reshape(-1, a.shape[-1])
-    return dx, _f32_dot(rows(x), rows(g), ((0,), (0,))).astype(kernel.dtype)
+    x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if x.shape[0] % 2:  # an even row count for _transposed_copy; a zero row adds nothing to x.T @ g
+        x, g = (jnp.pad(a, ((0, 1), (0, 0))) for a in (x, g))
+    return dx, _f32_dot(_transposed_copy(x), g, ((1,), (0,))).astype(kernel.dtype)
+
+
+def _transposed_copy(a: jax.Array) -> jax.Array:
+    """bfloat16[n, k] (n even) -> bfloat16[k, n], transposed in memory.
+
+    A plain `a.T` feeding a matmul is folded into it by XLA's simplifier, and XLA:CPU's bf16 kernels refuse a
+    left operand whose contracted axis is not the last in memory: it would run as a float32 matmul, about 3x
+    slower (benchmarks/models.py --bf16). Here each pair of bf16 along n is read as one uint32 and OR-ed with a
+    zero that XLA cannot prove is zero (the data decide it), so the transpose can be neither folded into the
+    matmul nor moved past the bitcast; the values are unchanged bit for bit."""
+    n, k = a.shape
+    pairs = jax.lax.bitcast_convert_type(a.T.reshape(k, n // 2, 2), jnp.uint32)
+    zero = (jnp.abs(a[0, 0]) < 0).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(pairs | zero, a.dtype).reshape(k, n)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
@@ -269,6 +285,15 @@ def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
         return bf16_matmul(lhs, rhs)
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                preferred_element_type=preferred_element_type)
+
+
+def in_float32(fn, *xs: jax.Array, **kwargs) -> jax.Array:
+    """`fn(*xs, **kwargs)` (elementwise) computed in float32, cast back to the first input's dtype.
+
+    In bf16 an activation then rounds once, as PyTorch's bf16 kernels do; written on bf16 arrays, XLA rounds
+    after every operation inside it (a tanh GELU: about ten times), which also made it a tenth of SigLIP's bf16
+    forward on XLA:CPU. A no-op cast in float32."""
+    return fn(*(x.astype(jnp.float32) for x in xs), **kwargs).astype(xs[0].dtype)
 
 
 def dense(

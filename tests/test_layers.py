@@ -171,19 +171,20 @@ def _f32(x):
     return np.asarray(x, np.float32)
 
 
-def test_bf16_matmul_is_float32_accumulation_rounded_once():
+@pytest.mark.parametrize("batch", [3, 4])  # 15 rows (padded to even for the kernel's gradient) or 20
+def test_bf16_matmul_is_float32_accumulation_rounded_once(batch):
     """Values: x @ kernel computed in float32 from the bf16 inputs, rounded once to bf16 (half an ulp at most),
     and within one ulp of the plain bf16 `lax.dot_general`. Gradients (a bf16-exact cotangent): dx = g @ kernel.T
     and dkernel = x.T @ g, each in float32 rounded once; the batch axes of x fold into the kernel's gradient."""
-    x, kernel = _bf16((3, 5, 96), 0), _bf16((96, 40), 1)
+    x, kernel = _bf16((batch, 5, 96), 0), _bf16((96, 40), 1)
     exact = np.einsum("bsk,kn->bsn", _f32(x), _f32(kernel))
     out = jax.jit(layers.bf16_matmul)(x, kernel)
-    assert out.dtype == jnp.bfloat16 and out.shape == (3, 5, 40)
+    assert out.dtype == jnp.bfloat16 and out.shape == (batch, 5, 40)
     np.testing.assert_allclose(_f32(out), exact, rtol=_ULP / 2, atol=1e-6)
     plain = jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ())))
     np.testing.assert_allclose(_f32(out), _f32(plain), rtol=_ULP, atol=1e-6)
 
-    g = _f32(_bf16((3, 5, 40), 2))
+    g = _f32(_bf16((batch, 5, 40), 2))
     loss = lambda x, kernel: jnp.sum(layers.bf16_matmul(x, kernel).astype(jnp.float32) * g)
     dx, dkernel = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, kernel)
     assert dx.dtype == dkernel.dtype == jnp.bfloat16
@@ -228,3 +229,19 @@ def test_dense_takes_bf16_matmul_on_cpu_in_bf16_only():
         np.testing.assert_allclose(got, ref, rtol=1e-2)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
             np.testing.assert_allclose(_f32(a), _f32(b), rtol=2 * _ULP, atol=2 * _ULP * float(np.abs(_f32(b)).max()))
+
+
+def test_in_float32_rounds_an_activation_once():
+    """bf16 in, bf16 out, computed in float32: equal to the float32 activation of the same values rounded once
+    (XLA's bf16 arithmetic would round after each of the tanh GELU's operations and differ on some inputs)."""
+    import flax.linen as nn
+
+    x = _bf16((64, 257), 3) * 3
+    got = layers.in_float32(nn.gelu, x, approximate=True)
+    assert got.dtype == jnp.bfloat16
+    once = nn.gelu(_f32(x), approximate=True).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(_f32(got), _f32(once))
+    per_op = jax.jit(lambda x: nn.gelu(x, approximate=True))(x)
+    assert np.mean(_f32(per_op) != _f32(got)) > 0.01  # not vacuous: rounding per operation differs
+    swiglu = layers.in_float32(lambda a, b: nn.silu(a) * b, x, x[::-1])
+    np.testing.assert_array_equal(_f32(swiglu), _f32((nn.silu(_f32(x)) * _f32(x[::-1])).astype(jnp.bfloat16)))

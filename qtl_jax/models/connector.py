@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qtl_jax.layers import dense
+from qtl_jax.layers import dense, in_float32
 
 
 class Connector(nn.Module):
@@ -30,5 +30,5 @@ class Connector(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = dense(self.features, ("vision_embed", "embed"), name="linear_0", dtype=self.dtype)(x)
-        x = nn.gelu(x, approximate=False)
+        x = in_float32(nn.gelu, x, approximate=False)
         return dense(self.features, ("mlp", "embed"), name="linear_2", dtype=self.dtype)(x)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl_jax.layers import RMSNorm, attention, check_attention, check_remat, dense, remat
+from qtl_jax.layers import RMSNorm, attention, check_attention, check_remat, dense, in_float32, remat
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -213,7 +213,7 @@ class OpenELMFFN(nn.Module):
         y = dense(2 * width, ("embed", "mlp"), name="proj_1", use_bias=False, dtype=self.dtype)(x)
         gate, up = y[..., :width], y[..., width:]
         return dense(self.config.model_dim, ("mlp", "embed"), name="proj_2", use_bias=False,
-                     dtype=self.dtype)(nn.silu(gate) * up)
+                     dtype=self.dtype)(in_float32(lambda gate, up: nn.silu(gate) * up, gate, up))
 
 
 class OpenELMLayer(nn.Module):

@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qtl_jax.layers import attention, check_attention, check_remat, dense, layer_norm, remat
+from qtl_jax.layers import attention, check_attention, check_remat, dense, in_float32, layer_norm, remat
 
 SELECT_MODES = ("drop_first", "all")
 
@@ -122,7 +122,7 @@ class SiglipEncoderLayer(nn.Module):
         x = x + SiglipAttention(cfg, self.dtype, name="self_attn")(h, kv_lengths)
         h = layer_norm(cfg.layer_norm_eps, "layer_norm2")(x).astype(self.dtype)
         h = dense(cfg.mlp_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(h)
-        h = nn.gelu(h, approximate=True)  # SigLIP: gelu_pytorch_tanh
+        h = in_float32(nn.gelu, h, approximate=True)  # SigLIP: gelu_pytorch_tanh
         return x + dense(cfg.width, ("mlp", "embed"), name="fc2", dtype=self.dtype)(h)
 
 
