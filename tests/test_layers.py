@@ -174,8 +174,9 @@ def _f32(x):
 @pytest.mark.parametrize("batch", [3, 4])  # 15 rows (padded to even for the kernel's gradient) or 20
 def test_bf16_matmul_is_float32_accumulation_rounded_once(batch):
     """Values: x @ kernel computed in float32 from the bf16 inputs, rounded once to bf16 (half an ulp at most),
-    and within one ulp of the plain bf16 `lax.dot_general`. Gradients (a bf16-exact cotangent): dx = g @ kernel.T
-    and dkernel = x.T @ g, each in float32 rounded once; the batch axes of x fold into the kernel's gradient."""
+    and within one ulp of the plain bf16 `lax.dot_general`; with float32 out, not rounded. Gradients (a bf16-exact
+    cotangent): dx = g @ kernel.T and dkernel = x.T @ g, each in float32 rounded once; the batch axes of x fold
+    into the kernel's gradient."""
     x, kernel = _bf16((batch, 5, 96), 0), _bf16((96, 40), 1)
     exact = np.einsum("bsk,kn->bsn", _f32(x), _f32(kernel))
     out = jax.jit(layers.bf16_matmul)(x, kernel)
@@ -190,6 +191,15 @@ def test_bf16_matmul_is_float32_accumulation_rounded_once(batch):
     assert dx.dtype == dkernel.dtype == jnp.bfloat16
     np.testing.assert_allclose(_f32(dx), np.einsum("bsn,kn->bsk", g, _f32(kernel)), rtol=_ULP / 2, atol=1e-6)
     np.testing.assert_allclose(_f32(dkernel), np.einsum("bsk,bsn->kn", _f32(x), g), rtol=_ULP / 2, atol=1e-6)
+
+    # float32 out (a model head's logits): not rounded; the float32 cotangent is rounded to bf16 (exact here)
+    out32 = jax.jit(layers.bf16_matmul, static_argnums=2)(x, kernel, jnp.float32)
+    assert out32.dtype == jnp.float32
+    np.testing.assert_allclose(out32, exact, rtol=1e-5, atol=1e-5)
+    loss32 = lambda x, kernel: jnp.sum(layers.bf16_matmul(x, kernel, jnp.float32) * g)
+    grads32 = jax.jit(jax.grad(loss32, argnums=(0, 1)))(x, kernel)
+    for a, b in zip(grads32, (dx, dkernel), strict=True):
+        np.testing.assert_array_equal(_f32(a), _f32(b))
 
 
 def test_dense_takes_bf16_matmul_on_cpu_in_bf16_only():
@@ -207,7 +217,8 @@ def test_dense_takes_bf16_matmul_on_cpu_in_bf16_only():
     assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda p: f32.apply(p, x))(params))
     bf = jnp.bfloat16
     for kwargs, takes in (({}, True), ({"precision": jax.lax.Precision.HIGHEST}, False),
-                          ({"preferred_element_type": jnp.float32}, False)):
+                          ({"preferred_element_type": jnp.float32}, True),
+                          ({"preferred_element_type": jnp.int32}, False)):
         jaxpr = jax.make_jaxpr(lambda a, b, kw=kwargs: layers.dense_dot_general(a, b, (((2,), (0,)), ((), ())), **kw))
         assert ("custom_vjp_call" in str(jaxpr(x.astype(bf), jnp.zeros((32, 8), bf)))) == takes, kwargs
     transposed = jax.make_jaxpr(lambda a, b: layers.dense_dot_general(a, b, (((0,), (0,)), ((), ()))))

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qtl_jax.layers import RMSNorm, attention, check_attention, check_remat, dense, in_float32, remat
+from qtl_jax.layers import RMSNorm, attention, check_attention, check_remat, dense, dense_dot_general, in_float32, remat
 
 
 def make_divisible(value: float, divisor: int) -> int:
@@ -258,11 +258,11 @@ class OpenELM(nn.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Final hidden states float[..., D] (from `hidden`) -> float32[..., vocab] logits of the tied head.
 
-        The matmul runs in the compute dtype and accumulates straight into the float32 logits (in bf16 that is
-        also the form XLA:CPU's fast bf16 kernels take; see `layers.bf16_matmul`)."""
+        The matmul runs in the compute dtype and accumulates straight into the float32 logits (in bf16 on a CPU
+        through `layers.bf16_matmul`, whose backward rounds the logits' gradient to bf16 as torch.autocast does)."""
         embedding = self.token_embeddings.embedding.astype(self.dtype)
-        return jax.lax.dot_general(hidden.astype(self.dtype), embedding, (((hidden.ndim - 1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32)
+        return dense_dot_general(hidden.astype(self.dtype), embedding.T, (((hidden.ndim - 1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
 
     def __call__(
         self,
