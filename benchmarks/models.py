@@ -11,7 +11,7 @@
 
 The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert), so both sides compute the
 same function; the script prints the largest output difference as a check. Median of --repeats runs after
-one warm-up (compilation excluded; torch.compile's compile time is printed apart). fp32 throughout.
+one warm-up (compilation excluded; torch.compile's compile time is printed apart). fp32 unless --bf16.
 
 JAX runs with each model's default attention (on a CPU the blocked one, `qtl_jax.layers.blocked_attention`) and,
 for the before/after, with `attention="xla"` (`jax.nn.dot_product_attention`); `--profile` also times the
@@ -21,7 +21,13 @@ fusions, 0.7-0.95x PyTorch's rate on the model's shapes here. XNNPACK
 OpenELM's backward faster and SigLIP no faster (README, Performance). Run the script both ways; the header prints
 the flags in effect.
 
+`--bf16` adds both models in bf16 compute with float32 weights (the paper preset's dtype): JAX as it is (its
+dense layers through `qtl_jax.layers.bf16_matmul` on a CPU), JAX with the dense layers' plain bf16
+`lax.dot_general`, JAX in float32, PyTorch eager under `torch.autocast("cpu", torch.bfloat16)` and in float32,
+on the same weights, and the machine's bf16 matmul rates.
+
     python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm] [--skip-compile] [--profile]
+                                [--bf16]
 """
 
 from __future__ import annotations
@@ -304,15 +310,15 @@ def plain_bf16_dense():
 
 def bench_bf16(repeats: int, seq: int) -> None:
     """Both models in bf16 compute with float32 weights (the paper preset's dtype): JAX with `layers.dense` as it
-    is (bf16 x bf16 -> f32 matmuls, `layers.bf16_matmul`), JAX with plain bf16 dots, JAX in float32, and PyTorch
-    eager under `torch.autocast("cpu", torch.bfloat16)` (how a PyTorch user runs bf16 with float32 weights) and
-    in float32, on the same weights."""
+    is (bf16 x bf16 -> f32 matmuls, `layers.bf16_matmul`), JAX with its dense layers on plain bf16 dots, JAX in
+    float32, and PyTorch eager under `torch.autocast("cpu", torch.bfloat16)` (how a PyTorch user runs bf16 with
+    float32 weights) and in float32, on the same weights."""
     bf16, autocast = jnp.bfloat16, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     print(f"bf16 matmul rates: {matmul_rates_bf16()}")
     cfg = SIGLIP_SO400M
     hf, params, images, pixels = siglip_pair(cfg)
     times = {}
-    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dots", bf16), ("jax fp32", jnp.float32)):
+    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dense dots", bf16), ("jax fp32", jnp.float32)):
         with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
             tower = SiglipVisionTower(cfg, dtype=dtype)
             forward = jax.jit(lambda p, x, tower=tower: tower.apply({"params": p}, x)[0])
@@ -328,7 +334,7 @@ def bench_bf16(repeats: int, seq: int) -> None:
     cfg = OPENELM_270M
     tm, params, ids, labels = openelm_pair(cfg, seq)
     times = {}
-    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dots", bf16), ("jax fp32", jnp.float32)):
+    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dense dots", bf16), ("jax fp32", jnp.float32)):
         with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
             model = OpenELM(cfg, dtype=dtype)
             step = jax.jit(jax.value_and_grad(
@@ -360,7 +366,7 @@ def main() -> None:
     parser.add_argument("--skip-compile", action="store_true", help="no torch.compile peers")
     parser.add_argument("--profile", action="store_true", help="OpenELM: time attention, FFN and head apart")
     parser.add_argument("--bf16", action="store_true",
-                        help="also both models in bf16 compute: JAX (and with plain bf16 dots) vs torch autocast")
+                        help="also both models in bf16 compute: JAX (and on plain bf16 dots) vs torch autocast")
     args = parser.parse_args()
     print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "

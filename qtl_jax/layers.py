@@ -262,10 +262,11 @@ def _transposed_copy(a: jax.Array) -> jax.Array:
     """bfloat16[n, k] (n even) -> bfloat16[k, n], transposed in memory.
 
     A plain `a.T` feeding a matmul is folded into it by XLA's simplifier, and XLA:CPU's bf16 kernels refuse a
-    left operand whose contracted axis is not the last in memory: it would run as a float32 matmul, about 3x
-    slower (benchmarks/models.py --bf16). Here each pair of bf16 along n is read as one uint32 and OR-ed with a
-    zero that XLA cannot prove is zero (the data decide it), so the transpose can be neither folded into the
-    matmul nor moved past the bitcast; the values are unchanged bit for bit."""
+    left operand whose contracted axis is not the last in memory: it would run as a float32 matmul (this CPU's
+    float32 rate is 2.3-3.5x below its bf16 one; benchmarks/models.py --bf16 prints both). Here each pair of
+    bf16 along n is read as one uint32 and OR-ed with a zero that XLA cannot prove is zero (the data decide it),
+    so the transpose can be neither folded into the matmul nor moved past the bitcast; the values are unchanged
+    bit for bit."""
     n, k = a.shape
     pairs = jax.lax.bitcast_convert_type(a.T.reshape(k, n // 2, 2), jnp.uint32)
     zero = (jnp.abs(a[0, 0]) < 0).astype(jnp.uint32)
@@ -277,8 +278,8 @@ bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None) -> jax.Array:
     """`nn.Dense`'s matmul: `lax.dot_general`, except bf16 x bf16 [..., K] x [K, N] on a CPU (bf16 or float32
-    out), which goes through `bf16_matmul` (same values to float rounding; 2.5-3.8x faster forward + backward
-    per layer on this project's CPU). GPUs and TPUs accumulate
+    out), which goes through `bf16_matmul` (same values to float rounding; OpenELM-270M's bf16 forward +
+    backward 1.5-1.7x faster on this project's CPU, `benchmarks/models.py --bf16`). GPUs and TPUs accumulate
     bf16 matmuls in float32 in their own kernels and keep `lax.dot_general`."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if (jax.default_backend() == "cpu" and lhs.dtype == rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
