@@ -253,6 +253,8 @@ def _bf16_matmul_bwd(out_dtype, residuals, g):
     g = g.astype(x.dtype)  # a float32 cotangent (out_dtype float32) is rounded to bf16, as under torch.autocast
     dx = _f32_dot(g, kernel, ((g.ndim - 1,), (1,))).astype(x.dtype)
     x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    if not x.shape[0]:
+        return dx, jnp.zeros_like(kernel)
     if x.shape[0] % 2:  # an even row count for _transposed_copy; a zero row adds nothing to x.T @ g
         x, g = (jnp.pad(a, ((0, 1), (0, 0))) for a in (x, g))
     return dx, _f32_dot(_transposed_copy(x), g, ((1,), (0,))).astype(kernel.dtype)

@@ -171,7 +171,7 @@ def _f32(x):
     return np.asarray(x, np.float32)
 
 
-@pytest.mark.parametrize("batch", [3, 4])  # 15 rows (padded to even for the kernel's gradient) or 20
+@pytest.mark.parametrize("batch", [3, 4, 0])  # 15 rows (padded to even for the kernel's gradient), 20, none
 def test_bf16_matmul_is_float32_accumulation_rounded_once(batch):
     """Values: x @ kernel computed in float32 from the bf16 inputs, rounded once to bf16 (half an ulp at most),
     and within one ulp of the plain bf16 `lax.dot_general`; with float32 out, not rounded. Gradients (a bf16-exact
