@@ -119,9 +119,10 @@ def blocked_attention(
     computes each block's scores, softmax and output, so the score matrix never exists whole and each block's
     scores stay in the cache. The backward pass is its own (`jax.custom_vjp`, FlashAttention-2's): it keeps only
     the output and each row's softmax statistics, recomputes a block's probabilities from them, and accumulates
-    the key and value gradients over the blocks. Its matmuls are written so that XLA:CPU transposes only [rows, Dh]
-    operands, never a score block. The same function as `jax.nn.dot_product_attention` (tested to float32
-    rounding, values and gradients, with every mask).
+    the key and value gradients over the blocks. The backward computes a block's scores transposed ([keys, rows],
+    as k @ q.T), so that the dK and dV matmuls contract the last axis of their left operand (the form XLA:CPU's
+    fast kernels take) and no score block is ever transposed in memory. The same function as
+    `jax.nn.dot_product_attention` (tested to float32 rounding, values and gradients, with every mask).
     """
     block = block or ATTENTION_BLOCK
     batch, lq, hq, dh = q.shape
@@ -143,10 +144,14 @@ def blocked_attention(
     return out.reshape(batch, lq, hq, dh)
 
 
-def _block_logits(qb, k, i, mask, lengths, causal, lq, block):
-    """Masked, scaled float32 scores of row block i: [B, Hkv, block, Lk]."""
+def _block_logits(qb, k, i, mask, lengths, causal, lq, block, transposed=False):
+    """Masked, scaled float32 scores of row block i: [B, Hkv, block, Lk], or [B, Hkv, Lk, block] `transposed`
+    (computed as k @ qb.T, not transposed after)."""
     dh, lk = k.shape[-1], k.shape[2]
-    s = jnp.einsum("bhrd,bhsd->bhrs", qb, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+    if transposed:
+        s = jnp.einsum("bhsd,bhrd->bhsr", k, qb, preferred_element_type=jnp.float32) * (dh ** -0.5)
+    else:
+        s = jnp.einsum("bhrd,bhsd->bhrs", qb, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
     valid = None
     keys = jnp.arange(lk)
     if causal:
@@ -160,6 +165,8 @@ def _block_logits(qb, k, i, mask, lengths, causal, lq, block):
         valid = mb if valid is None else valid & mb
     if valid is None:
         return s, None
+    if transposed:
+        valid = jnp.swapaxes(valid, -1, -2)
     return jnp.where(valid, s, _MASKED), valid
 
 
@@ -203,18 +210,22 @@ def _blocked_core_bwd(causal, lq, block, residuals, d_out):
     scale = q.shape[-1] ** -0.5
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Hkv, rows]
 
+    # Scores, probabilities and their gradients transposed ([keys, rows]): the dK and dV matmuls then contract
+    # the rows, the last axis of their left operand, the form XLA:CPU's fast kernels take (bf16 ones only so).
+    row_stat = lambda x, i: _row_block(x, i, block)[..., None, :]
+
     def one(carry, i):
         dk, dv = carry
         qb, dob = _row_block(q, i, block), _row_block(d_out, i, block)
-        s, valid = _block_logits(qb, k, i, mask, lengths, causal, lq, block)
-        p = jnp.exp((s - _row_block(m, i, block)[..., None]) - _row_block(log_total, i, block)[..., None])
-        dv = dv + jnp.einsum("bhrs,bhrd->bhsd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bhrd,bhsd->bhrs", dob, v, preferred_element_type=jnp.float32)
-        ds = p * (dp - _row_block(delta, i, block)[..., None]) * scale
+        st, valid = _block_logits(qb, k, i, mask, lengths, causal, lq, block, transposed=True)
+        pt = jnp.exp((st - row_stat(m, i)) - row_stat(log_total, i))
+        dv = dv + jnp.einsum("bhsr,bhrd->bhsd", pt.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+        dpt = jnp.einsum("bhsd,bhrd->bhsr", v, dob, preferred_element_type=jnp.float32)
+        dst = pt * (dpt - row_stat(delta, i)) * scale
         if valid is not None:  # masked scores are constants: no gradient (matters for fully masked rows)
-            ds = jnp.where(valid, ds, 0.0)
-        dq = jnp.einsum("bhrs,bhsd->bhrd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-        dk = dk + jnp.einsum("bhrs,bhrd->bhsd", ds.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
+            dst = jnp.where(valid, dst, 0.0)
+        dq = jnp.einsum("bhsr,bhsd->bhrd", dst.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dk = dk + jnp.einsum("bhsr,bhrd->bhsd", dst.astype(qb.dtype), qb, preferred_element_type=jnp.float32)
         return (dk, dv), dq.astype(q.dtype)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -261,18 +272,18 @@ def _bf16_matmul_bwd(out_dtype, residuals, g):
 
 
 def _transposed_copy(a: jax.Array) -> jax.Array:
-    """bfloat16[n, k] (n even) -> bfloat16[k, n], transposed in memory.
+    """bfloat16[..., n, k] (n even) -> bfloat16[..., k, n], transposed in memory.
 
-    A plain `a.T` feeding a matmul is folded into it by XLA's simplifier, and XLA:CPU's bf16 kernels refuse a
-    left operand whose contracted axis is not the last in memory: it would run as a float32 matmul (this CPU's
+    A plain transpose feeding a matmul is folded into it by XLA's simplifier, and XLA:CPU's bf16 kernels refuse
+    a left operand whose contracted axis is not the last in memory: it would run as a float32 matmul (this CPU's
     float32 rate is 2.3-3.5x below its bf16 one; benchmarks/models.py --bf16 prints both). Here each pair of
     bf16 along n is read as one uint32 and OR-ed with a zero that XLA cannot prove is zero (the data decide it),
     so the transpose can be neither folded into the matmul nor moved past the bitcast; the values are unchanged
     bit for bit."""
-    n, k = a.shape
-    pairs = jax.lax.bitcast_convert_type(a.T.reshape(k, n // 2, 2), jnp.uint32)
-    zero = (jnp.abs(a[0, 0]) < 0).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(pairs | zero, a.dtype).reshape(k, n)
+    *lead, n, k = a.shape
+    pairs = jax.lax.bitcast_convert_type(jnp.swapaxes(a, -1, -2).reshape(*lead, k, n // 2, 2), jnp.uint32)
+    zero = (jnp.abs(a.reshape(-1)[0]) < 0).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(pairs | zero, a.dtype).reshape(*lead, k, n)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
