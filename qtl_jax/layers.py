@@ -148,10 +148,8 @@ def _block_logits(qb, k, i, mask, lengths, causal, lq, block, transposed=False):
     """Masked, scaled float32 scores of row block i: [B, Hkv, block, Lk], or [B, Hkv, Lk, block] `transposed`
     (computed as k @ qb.T, not transposed after)."""
     dh, lk = k.shape[-1], k.shape[2]
-    if transposed:
-        s = jnp.einsum("bhsd,bhrd->bhsr", k, qb, preferred_element_type=jnp.float32) * (dh ** -0.5)
-    else:
-        s = jnp.einsum("bhrd,bhsd->bhrs", qb, k, preferred_element_type=jnp.float32) * (dh ** -0.5)
+    spec, operands = ("bhsd,bhrd->bhsr", (k, qb)) if transposed else ("bhrd,bhsd->bhrs", (qb, k))
+    s = jnp.einsum(spec, *operands, preferred_element_type=jnp.float32) * (dh ** -0.5)
     valid = None
     keys = jnp.arange(lk)
     if causal:
@@ -272,7 +270,7 @@ def _bf16_matmul_bwd(out_dtype, residuals, g):
 
 
 def _transposed_copy(a: jax.Array) -> jax.Array:
-    """bfloat16[..., n, k] (n even) -> bfloat16[..., k, n], transposed in memory.
+    """bfloat16[n, k] (n even) -> bfloat16[k, n], transposed in memory.
 
     A plain transpose feeding a matmul is folded into it by XLA's simplifier, and XLA:CPU's bf16 kernels refuse
     a left operand whose contracted axis is not the last in memory: it would run as a float32 matmul (this CPU's
@@ -280,10 +278,10 @@ def _transposed_copy(a: jax.Array) -> jax.Array:
     bf16 along n is read as one uint32 and OR-ed with a zero that XLA cannot prove is zero (the data decide it),
     so the transpose can be neither folded into the matmul nor moved past the bitcast; the values are unchanged
     bit for bit."""
-    *lead, n, k = a.shape
-    pairs = jax.lax.bitcast_convert_type(jnp.swapaxes(a, -1, -2).reshape(*lead, k, n // 2, 2), jnp.uint32)
-    zero = (jnp.abs(a.reshape(-1)[0]) < 0).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(pairs | zero, a.dtype).reshape(*lead, k, n)
+    n, k = a.shape
+    pairs = jax.lax.bitcast_convert_type(a.T.reshape(k, n // 2, 2), jnp.uint32)
+    zero = (jnp.abs(a[0, 0]) < 0).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(pairs | zero, a.dtype).reshape(k, n)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
