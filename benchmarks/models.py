@@ -299,7 +299,8 @@ def matmul_rates_bf16(n: int = 2048, repeats: int = 5) -> str:
 
 @contextlib.contextmanager
 def plain_bf16_dense():
-    """Trace the models with `nn.Dense`'s plain `lax.dot_general` (the code before `layers.bf16_matmul`)."""
+    """Trace the models with `layers.dense`'s layers on `nn.Dense`'s plain `lax.dot_general` (as before
+    `layers.bf16_matmul`; OpenELM's head, which calls `dense_dot_general` itself, keeps it)."""
     saved = layers.dense_dot_general
     layers.dense_dot_general = jax.lax.dot_general
     try:
@@ -313,42 +314,53 @@ def bench_bf16(repeats: int, seq: int) -> None:
     is (bf16 x bf16 -> f32 matmuls, `layers.bf16_matmul`), JAX with its dense layers on plain bf16 dots, JAX in
     float32, and PyTorch eager under `torch.autocast("cpu", torch.bfloat16)` (how a PyTorch user runs bf16 with
     float32 weights) and in float32, on the same weights."""
-    bf16, autocast = jnp.bfloat16, lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     print(f"bf16 matmul rates: {matmul_rates_bf16()}")
     cfg = SIGLIP_SO400M
     hf, params, images, pixels = siglip_pair(cfg)
-    times = {}
-    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dense dots", bf16), ("jax fp32", jnp.float32)):
-        with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
-            tower = SiglipVisionTower(cfg, dtype=dtype)
-            forward = jax.jit(lambda p, x, tower=tower: tower.apply({"params": p}, x)[0])
-            times[name] = timed(lambda forward=forward: forward(params, images).block_until_ready(), repeats)
-    for name, context in (("torch bf16 autocast", autocast), ("torch fp32", contextlib.nullcontext)):
-        def run(context=context, hf=hf):
-            with torch.inference_mode(), context():
-                return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
-        times[name] = timed(run, repeats)
-    bf16_report("SigLIP so400m forward (26 layers, batch 1)", times)
+
+    def siglip_jax(dtype):
+        tower = SiglipVisionTower(cfg, dtype=dtype)
+        forward = jax.jit(lambda p, x: tower.apply({"params": p}, x)[0])
+        return lambda: forward(params, images).block_until_ready()
+
+    def siglip_torch(context, hf=hf):
+        with torch.inference_mode(), context():
+            return hf(pixel_values=pixels, output_hidden_states=True).hidden_states[-1]
+
+    bf16_report("SigLIP so400m forward (26 layers, batch 1)", bf16_times(siglip_jax, siglip_torch, repeats))
     del hf, params
 
     cfg = OPENELM_270M
     tm, params, ids, labels = openelm_pair(cfg, seq)
+
+    def openelm_jax(dtype):
+        model = OpenELM(cfg, dtype=dtype)
+        step = jax.jit(jax.value_and_grad(
+            lambda p: cross_entropy(model.apply({"params": p}, jnp.asarray(ids))[0], jnp.asarray(labels))[0]))
+        return lambda: jax.block_until_ready(step(params))
+
+    def openelm_torch_step(context):
+        tm.zero_grad(set_to_none=True)
+        with context():
+            loss = openelm_torch_loss(tm, ids, labels)
+        loss.backward()
+
+    bf16_report(f"OpenELM-270M forward+backward (batch 1, {seq} tokens)",
+                bf16_times(openelm_jax, openelm_torch_step, repeats))
+
+
+def bf16_times(make_jax, run_torch, repeats: int) -> dict[str, float]:
+    """Seconds per run of each peer: `make_jax(dtype)` builds a blocking JAX run (traced and timed in bf16, in bf16
+    with plain dense dots, in float32), `run_torch(context)` runs PyTorch under bf16 autocast and in float32."""
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     times = {}
-    for name, dtype in (("jax bf16", bf16), ("jax bf16, plain dense dots", bf16), ("jax fp32", jnp.float32)):
+    for name, dtype in (("jax bf16", jnp.bfloat16), ("jax bf16, plain dense dots", jnp.bfloat16),
+                        ("jax fp32", jnp.float32)):
         with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
-            model = OpenELM(cfg, dtype=dtype)
-            step = jax.jit(jax.value_and_grad(
-                lambda p, model=model: cross_entropy(model.apply({"params": p}, jnp.asarray(ids))[0],
-                                                     jnp.asarray(labels))[0]))
-            times[name] = timed(lambda step=step: jax.block_until_ready(step(params)), repeats)
+            times[name] = timed(make_jax(dtype), repeats)
     for name, context in (("torch bf16 autocast", autocast), ("torch fp32", contextlib.nullcontext)):
-        def run(context=context):
-            tm.zero_grad(set_to_none=True)
-            with context():
-                loss = openelm_torch_loss(tm, ids, labels)
-            loss.backward()
-        times[name] = timed(run, repeats)
-    bf16_report(f"OpenELM-270M forward+backward (batch 1, {seq} tokens)", times)
+        times[name] = timed(lambda context=context: run_torch(context), repeats)
+    return times
 
 
 def bf16_report(title: str, times: dict[str, float]) -> None:
