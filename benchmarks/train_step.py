@@ -19,8 +19,10 @@ token embedding and the language model (the frozen tower gets no gradient). Batc
 
 Weights are random (the same shapes on both sides, not the same values): this measures time, the loss printed
 beside each is only a sanity check (about ln 32000 = 10.4 at random init). fp32 by default; `--dtype bfloat16`
-is the paper's bf16 compute with float32 weights, on both sides (PyTorch under `torch.autocast`): on a GPU, and
-on a CPU with bf16 matmul units (AMX / AVX512-BF16), where both sides' bf16 matmuls run faster than float32.
+is the paper's bf16 compute with float32 weights, on both sides (PyTorch under `torch.autocast`), the frozen
+tower's weights converted to bf16 once on both sides (JAX: `SplitTrainer`'s cast_frozen_once; PyTorch: the tower
+held in bf16): on a GPU, and on a CPU with bf16 matmul units (AMX / AVX512-BF16), where both sides' bf16
+matmuls run faster than float32.
 Median of --repeats steps after one warm-up step (which compiles).
 
     python benchmarks/train_step.py [--repeats 3] [--batch 1] [--text 64] [--before REV] [--skip-before]
@@ -160,9 +162,13 @@ def run_torch(args, compiled: bool) -> dict:
     pixels = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy())
     ids, labels = torch.from_numpy(data["input_ids"]).long(), torch.from_numpy(data["labels"]).long()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
-    forward = torch.compile(model) if compiled else model
-    # bf16 with float32 weights, as a PyTorch user runs it on a CPU (and as --dtype bfloat16 runs JAX)
+    # bf16 with float32 weights, as a PyTorch user runs it on a CPU (and as --dtype bfloat16 runs JAX); the
+    # frozen tower held in bf16 (it needs no float32 master copy), as the JAX trainer converts it once
+    # (`cast_frozen_once`), so neither side converts its weights in every step.
     bf16 = args.dtype == "bfloat16"
+    if bf16:
+        model.vision.to(torch.bfloat16)
+    forward = torch.compile(model) if compiled else model
 
     def step():
         opt.zero_grad(set_to_none=True)

@@ -83,6 +83,10 @@ def training_config(stage: str, preset: str) -> ml_collections.ConfigDict:
     # unrolled loop; the parameter layout differs, so a run resumes only with the value it started with.
     # OpenELM's layers always unroll: layer-wise scaling gives each its own shapes.
     c.model.scan_layers = False
+    # With bf16 compute: the frozen parts' kernels and embeddings converted to bf16 once, not in every step
+    # (`SplitTrainer`'s cast_frozen_once; the same result bit for bit). Costs half the frozen parts' float32
+    # bytes again (the float32 originals stay for checkpoints): set False where that memory is short.
+    c.model.cast_frozen_once = True
 
     c.compressor = ml_collections.ConfigDict()
     c.compressor.image = "rd_fsq"  # rd_fsq | fsq_tanh | nf | none_fp32 | none_bf16 | none_fp16

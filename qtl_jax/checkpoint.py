@@ -38,7 +38,7 @@ CONFIG_FILE = "config.json"
 # Fields a resumed run may change: they change when it stops, logs and saves, and what it evaluates at the end,
 # not what it trains. A field ending in "." stands for its whole section.
 RESUMABLE_FIELDS = ("stop_after", "log_every", "checkpoint_every", "eval.", "data.eval_files",
-                    "data.eval_image_root", *(f"split.{f}" for f in (
+                    "data.eval_image_root", "model.cast_frozen_once", *(f"split.{f}" for f in (
                         "server", "client_id", "token_file", "tls_ca", "tls_cert", "tls_key", "insecure",
                         "deadline_s", "wait_s")))
 

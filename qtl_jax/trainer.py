@@ -371,7 +371,8 @@ def _train_stage(config, workdir: str, ckpt, writer: MetricWriter, log) -> dict:
     remote = config.split.mode == "remote"
     crossing = remote_crossing(config, model_cfg, len(tokenizer), num_steps) if remote else None
     trainer = SplitTrainer(model_cfg, SplitConfig.from_config(config.split), tx_client, tx_server, params,
-                           dtype=dtype, boxed_like=boxed, trainable=tuple(config.optim.trainable), crossing=crossing)
+                           dtype=dtype, boxed_like=boxed, trainable=tuple(config.optim.trainable), crossing=crossing,
+                           cast_frozen_once=config.model.get("cast_frozen_once", True))
     del params  # the trainer holds its own copy on the meshes
 
     iterator = iter(pipeline.make_loader(source, tok_dir, pipe))

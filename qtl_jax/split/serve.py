@@ -80,7 +80,8 @@ def config_stages(config, workdir: str, log=print):
             _, tx_server = trainer.build_optimizers(c, num_steps)
             split = dataclasses.replace(SplitConfig.from_config(c.split), mode="meshes")
             half = SplitTrainer(model_cfg, split, None, tx_server, params, dtype=dtype, boxed_like=boxed,
-                                trainable=tuple(c.optim.trainable), halves=("server",))
+                                trainable=tuple(c.optim.trainable), halves=("server",),
+                                cast_frozen_once=c.model.get("cast_frozen_once", True))
             log(f"[serve] {stage}: server half built ({num_steps} steps, vocabulary {vocab_size})")
             return StageHalf(stage, half, self.fingerprint(stage, vocab_size), vocab_size, num_steps,
                              c.optim.batch_size, tuple(c.data.buckets), c.eval.batch_size,

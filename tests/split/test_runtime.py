@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 
 from qtl_jax.models import tinyllava as T
 from qtl_jax.split.runtime import (
@@ -17,6 +18,7 @@ from qtl_jax.split.runtime import (
     compress_downlink,
     decompress_downlink,
     downlink_nbytes,
+    leaves_read_as,
 )
 
 from ..models.test_tinyllava import batch, init, micro
@@ -250,6 +252,79 @@ def test_bf16_compute_stays_close_to_fp32(name, bound):
     # this micro model; nothing forces float32 matmuls into the hot path).
     share = _bf16_dot_share(lambda p: T.TinyLlava(cfg, jnp.bfloat16).apply({"params": p}, *batch())[0], params)
     assert share > 0.95, share
+
+
+def test_leaves_read_as_finds_the_leaves_only_ever_converted():
+    """Exact small case: a leaf qualifies when every use, also inside nested jit / scan / remat / custom_vjp
+    bodies, converts it to the dtype; one float32 use, a cast to another dtype, a while loop (not understood),
+    being returned, not being used, or already being bf16 disqualifies it."""
+    @jax.custom_vjp
+    def ste(x):
+        return x
+
+    ste.defvjp(lambda x: (x, None), lambda _, g: (g,))
+
+    def fn(p, x):
+        y = x @ p["dense"].astype(jnp.bfloat16) + p["mixed"].astype(jnp.bfloat16) @ p["mixed"]
+        y = y + jax.jit(lambda w: jax.checkpoint(lambda w: w.astype(jnp.bfloat16))(w))(p["nested"])
+        y = y + jax.lax.scan(lambda c, w: (c + w.astype(jnp.bfloat16), None), y * 0, p["stacked"])[0]
+        y = y + ste(p["custom"].astype(jnp.bfloat16))
+        y = y + p["fp16"].astype(jnp.float16).astype(jnp.bfloat16)
+        y = y + jax.lax.while_loop(lambda c: c[1] < 1, lambda c: (c[0] + c[2].astype(jnp.bfloat16), c[1] + 1, c[2]),
+                                   (y, 0, p["loop"]))[0]
+        return y + p["bf16"], p["returned"].astype(jnp.bfloat16), p["returned"]
+
+    w = jax.ShapeDtypeStruct((4, 4), jnp.float32)
+    params = {k: w for k in ("dense", "mixed", "nested", "custom", "fp16", "loop", "returned", "unused")}
+    params |= {"stacked": jax.ShapeDtypeStruct((3, 4, 4), jnp.float32),
+               "bf16": jax.ShapeDtypeStruct((4, 4), jnp.bfloat16)}
+    x = jax.ShapeDtypeStruct((4, 4), jnp.bfloat16)
+    (mask,) = leaves_read_as(fn, (params, x), [0], jnp.bfloat16)
+    assert {k for k, m in mask.items() if m} == {"dense", "nested", "stacked", "custom"}
+    (mask,) = leaves_read_as(fn, (params, x), [0], jnp.float16)  # the dtype matters
+    assert {k for k, m in mask.items() if m} == {"fp16"}
+
+
+def test_frozen_parameters_converted_once_give_the_same_steps():
+    """bf16 compute with a frozen tower (client) and a frozen language model (server): the steps with the
+    frozen kernels converted once equal, bit for bit, the steps converting the float32 originals each time
+    (single and meshes); the state keeps the float32 originals; a restore (new frozen values) is followed."""
+    boxed = jax.jit(T.TinyLlava(MICRO_RD).init)(jax.random.key(1), *batch())["params"]
+    plain = nn.meta.unbox(boxed)
+
+    def make(mode, once, params=plain):
+        split = SplitConfig(mode=mode, client_mesh=CLIENT_MESH, server_mesh=SERVER_MESH)
+        return SplitTrainer(MICRO_RD, split, optax.adam(1e-3), optax.adam(1e-3), jax.tree.map(np.array, params),
+                            dtype=jnp.bfloat16, boxed_like=boxed, trainable=("connector", "compressors"),
+                            cast_frozen_once=once)
+
+    def run(trainer, steps=2):
+        losses = [float(trainer.step(_batch(), step=k + 1)["ce_loss"]) for k in range(steps)]
+        return losses, jax.tree.map(np.asarray, trainer.params())
+
+    for mode in ("single", "meshes"):
+        once, each = make(mode, True), make(mode, False)
+        (l_once, p_once), (l_each, p_each) = run(once), run(each)
+        assert l_once == l_each
+        jax.tree.map(np.testing.assert_array_equal, p_once, p_each)
+        assert not each._cast_frozen
+        for half, part in (("client", "vision_tower"), ("server", "language_model")):
+            source, _, converted = once._cast_frozen[half]
+            assert source is once.state[half].frozen  # the float32 originals stay in the state
+            assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(source))
+            flat = traverse_util.flatten_dict(converted[part])
+            # The Dense kernels arrive converted; SigLIP's LayerNorm parameters, read in float32, do not.
+            assert all(v.dtype == jnp.bfloat16 for k, v in flat.items() if k[-1] == "kernel")
+            assert all(v.dtype == jnp.float32 for k, v in flat.items() if k[-2].startswith("layer_norm"))
+    # A restore replaces the frozen trees: the next step converts the new values (a stale copy would give
+    # the old loss, the trainer converting each time the new one).
+    other = jax.tree.map(lambda a: a * 1.5, plain)
+    for trainer in (once, each):
+        for half in ("client", "server"):
+            frozen = {k: other[half][k] for k in trainer.state[half].frozen}
+            frozen = jax.device_put(frozen, trainer.state_shardings[half].frozen)
+            trainer.state[half] = trainer.state[half].replace(frozen=frozen)
+    assert float(once.step(_batch(), step=3)["ce_loss"]) == float(each.step(_batch(), step=3)["ce_loss"])
 
 
 def _bf16_dot_share(fn, *args) -> float:
