@@ -7,8 +7,8 @@ and prints for each step function
 
   * per-device memory from `compiled.memory_analysis()`: arguments (parameters, optimizer state, the batch
     or the payload), outputs, temporaries, and their sum as the step's peak; the state each device holds
-    between steps (parameters + optimizer state, and for the client the vjp residuals it keeps from its
-    forward to its update);
+    between steps (parameters + optimizer state + the bf16 copy of the frozen kernels that the steps read,
+    `model.cast_frozen_once`, and for the client the vjp residuals it keeps from its forward to its update);
   * FLOPs from `compiled.cost_analysis()` (per device; x devices for the mesh), per micro-batch and per
     optimizer step (x accumulation), and the time an optimizer step would take at 40% of one H100 SXM's
     (989 TFLOP/s) and one TPU v5e's (197 TFLOP/s) dense bf16 peak.
@@ -64,7 +64,8 @@ def build(stage: str, split: SplitConfig, text: int, all_trainable: bool = False
     tx_client, tx_server = trainer.build_optimizers(config, num_steps=1000)
     parts = None if all_trainable else tuple(config.optim.trainable)
     # Boxed ShapeDtypeStructs: the trainer unboxes them and builds an abstract state (nothing is allocated).
-    split_trainer = SplitTrainer(model_cfg, split, tx_client, tx_server, boxed, dtype=dtype, trainable=parts)
+    split_trainer = SplitTrainer(model_cfg, split, tx_client, tx_server, boxed, dtype=dtype, trainable=parts,
+                                 cast_frozen_once=config.model.cast_frozen_once)
     size = model_cfg.vision.image_size
     batch = config.optim.batch_size
     shapes = {"images": jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
@@ -100,10 +101,12 @@ def report(stage: str, split: SplitConfig, text: int, all_trainable: bool = Fals
     residuals = jax.eval_shape(split_trainer._client_forward, state["client"].trainable, state["client"].frozen,
                                {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in shapes.items()})[2]
     parts = []
+    copies = split_trainer.frozen_copies()
     for half in ("client", "server"):
-        st = state[half]
-        parts.append(f"{half} {_shard_bytes(st) / GB:.2f} GB (params {_shard_bytes(st.trainable) / GB:.2f} trainable "
-                     f"+ {_shard_bytes(st.frozen) / GB:.2f} frozen, optimizer {_shard_bytes(st.opt_state) / GB:.2f})")
+        st, copy = state[half], _shard_bytes(copies.get(half, []))
+        parts.append(f"{half} {(_shard_bytes(st) + copy) / GB:.2f} GB (params {_shard_bytes(st.trainable) / GB:.2f} "
+                     f"trainable + {_shard_bytes(st.frozen) / GB:.2f} frozen + {copy / GB:.2f} its bf16 copy, "
+                     f"optimizer {_shard_bytes(st.opt_state) / GB:.2f})")
     residual_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(residuals))
     print(f"state per device: {'; '.join(parts)}; client vjp residuals {residual_bytes / GB:.2f} GB in all")
     step_flops = total_flops * accum

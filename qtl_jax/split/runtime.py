@@ -593,6 +593,17 @@ class SplitTrainer:
                                                _abstract_on(downlink, self.meshes["client"])).compile()
         return {"client_forward": forward, "server_step": step, "client_update": update}
 
+    def frozen_copies(self) -> dict:
+        """{half: the bf16 copies of frozen parameters the steps read (`cast_frozen_once`), as a list of
+        `jax.ShapeDtypeStruct`s with their shardings}: memory held besides the state. Known once the steps have
+        run or compiled (empty before, and without cast_frozen_once)."""
+        out = {}
+        for half, (_, mask, _) in self._cast_frozen.items():
+            frozen = self.state[half].frozen
+            out[half] = [jax.ShapeDtypeStruct(x.shape, self.dtype, sharding=x.sharding)
+                         for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(frozen), strict=True) if m]
+        return out
+
     def params(self) -> dict:
         """{half: parameters} of the halves this process holds, each on its own mesh."""
         return {half: self.state[half].params for half in self.halves}
