@@ -491,6 +491,8 @@ class SplitTrainer:
                                                                          sharding=a.sharding), mask, args[i])
                 continue
             if source is not args[i]:  # first step, or the state's frozen tree was replaced (a restore)
+                self._cast_frozen[half] = (None, mask, None)  # the old copy is freed before the new one is made
+                source = converted = None
                 leaves, treedef = jax.tree.flatten(args[i])
                 marks, shardings = jax.tree.leaves(mask), jax.tree.leaves(self.state_shardings[half].frozen)
                 chosen = [j for j, m in enumerate(marks) if m]
