@@ -292,9 +292,9 @@ def test_frozen_parameters_converted_once_give_the_same_steps():
     boxed = jax.jit(T.TinyLlava(MICRO_RD).init)(jax.random.key(1), *batch())["params"]
     plain = nn.meta.unbox(boxed)
 
-    def make(mode, once, params=plain):
+    def make(mode, once):
         split = SplitConfig(mode=mode, client_mesh=CLIENT_MESH, server_mesh=SERVER_MESH)
-        return SplitTrainer(MICRO_RD, split, optax.adam(1e-3), optax.adam(1e-3), jax.tree.map(np.array, params),
+        return SplitTrainer(MICRO_RD, split, optax.adam(1e-3), optax.adam(1e-3), jax.tree.map(np.array, plain),
                             dtype=jnp.bfloat16, boxed_like=boxed, trainable=("connector", "compressors"),
                             cast_frozen_once=once)
 
