@@ -360,7 +360,8 @@ class SplitTrainer:
                  crossing: Crossing | None = None, cast_frozen_once: bool = True):
         self.model_config, self.split, self.dtype = model_config, split, dtype
         self.cast_frozen_once = cast_frozen_once and jnp.dtype(dtype) != jnp.float32
-        self._cast_frozen = {}  # half -> (the frozen tree it was made from, which leaves, the converted tree)
+        self._frozen_masks = {}  # half -> which frozen leaves the steps only read converted (`leaves_read_as`)
+        self._frozen_copy = {}  # half -> (the state's frozen tree, its copy with those leaves converted)
         self.tx = {"client": tx_client, "server": tx_server}
         self.halves = tuple(halves or (("client",) if split.mode == "remote" else HALVES))
         if split.mode == "single" and self.halves != HALVES:
@@ -480,31 +481,34 @@ class SplitTrainer:
         if not self.cast_frozen_once:
             return args
         args = list(args)
-        todo = [h for h in frozen_at if h not in self._cast_frozen]
+        todo = [h for h in frozen_at if h not in self._frozen_masks]
         if todo:  # which leaves: decided once per half, from a trace of the step function that reads them
-            masks = leaves_read_as(fn, args, [frozen_at[h] for h in todo], self.dtype)
-            self._cast_frozen.update({h: (None, mask, None) for h, mask in zip(todo, masks, strict=True)})
+            self._frozen_masks.update(zip(todo, leaves_read_as(fn, args, [frozen_at[h] for h in todo], self.dtype),
+                                          strict=True))
         for half, i in frozen_at.items():
-            source, mask, converted = self._cast_frozen[half]
+            mask = self._frozen_masks[half]
             if _is_abstract(args[i]):
                 args[i] = jax.tree.map(lambda m, a: jax.ShapeDtypeStruct(a.shape, self.dtype if m else a.dtype,
                                                                          sharding=a.sharding), mask, args[i])
                 continue
-            if source is not args[i]:  # first step, or the state's frozen tree was replaced (a restore)
-                self._cast_frozen[half] = (None, mask, None)  # the old copy is freed before the new one is made
-                source = converted = None
-                leaves, treedef = jax.tree.flatten(args[i])
-                marks, shardings = jax.tree.leaves(mask), jax.tree.leaves(self.state_shardings[half].frozen)
-                chosen = [j for j, m in enumerate(marks) if m]
-                with jax.set_mesh(self.meshes[half]):
-                    cast = jax.jit(lambda xs: [x.astype(self.dtype) for x in xs],
-                                   out_shardings=[shardings[j] for j in chosen])([leaves[j] for j in chosen])
-                for j, x in zip(chosen, cast, strict=True):
-                    leaves[j] = x
-                converted = jax.tree.unflatten(treedef, leaves)
-                self._cast_frozen[half] = (args[i], mask, converted)
-            args[i] = converted
+            if half not in self._frozen_copy or self._frozen_copy[half][0] is not args[i]:
+                # First step, or the state's frozen tree was replaced (a restore): the old copy goes first.
+                self._frozen_copy.pop(half, None)
+                self._frozen_copy[half] = (args[i], self._converted(half, mask, args[i]))
+            args[i] = self._frozen_copy[half][1]
         return tuple(args)
+
+    def _converted(self, half: str, mask, frozen):
+        """`frozen` with the leaves `mask` marks converted to the compute dtype, on the state's shardings."""
+        leaves, treedef = jax.tree.flatten(frozen)
+        shardings = jax.tree.leaves(self.state_shardings[half].frozen)
+        chosen = [j for j, m in enumerate(jax.tree.leaves(mask)) if m]
+        with jax.set_mesh(self.meshes[half]):
+            cast = jax.jit(lambda xs: [x.astype(self.dtype) for x in xs],
+                           out_shardings=[shardings[j] for j in chosen])([leaves[j] for j in chosen])
+        for j, x in zip(chosen, cast, strict=True):
+            leaves[j] = x
+        return jax.tree.unflatten(treedef, leaves)
 
     def _check_runnable(self) -> None:
         if self.abstract:
@@ -600,7 +604,7 @@ class SplitTrainer:
         `jax.ShapeDtypeStruct`s with their shardings}: memory held besides the state. Known once the steps have
         run or compiled (empty before, and without cast_frozen_once)."""
         out = {}
-        for half, (_, mask, _) in self._cast_frozen.items():
+        for half, mask in self._frozen_masks.items():
             frozen = self.state[half].frozen
             out[half] = [jax.ShapeDtypeStruct(x.shape, self.dtype, sharding=x.sharding)
                          for m, x in zip(jax.tree.leaves(mask), jax.tree.leaves(frozen), strict=True) if m]

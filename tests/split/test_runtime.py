@@ -307,9 +307,9 @@ def test_frozen_parameters_converted_once_give_the_same_steps():
         (l_once, p_once), (l_each, p_each) = run(once), run(each)
         assert l_once == l_each
         jax.tree.map(np.testing.assert_array_equal, p_once, p_each)
-        assert not each._cast_frozen
+        assert not each._frozen_copy
         for half, part in (("client", "vision_tower"), ("server", "language_model")):
-            source, _, converted = once._cast_frozen[half]
+            source, converted = once._frozen_copy[half]
             assert source is once.state[half].frozen  # the float32 originals stay in the state
             assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(source))
             flat = traverse_util.flatten_dict(converted[part])
