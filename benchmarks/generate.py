@@ -11,9 +11,11 @@
       (`use_kv_cache=True`; the package has no generate function, so the loop is the obvious one: prefill, then
       one token per call with the returned cache, argmax on the last logits). The tokens are compared.
 
-Median of --eval-repeats (a) or --repeats (b) runs after one warm-up (compilation excluded). fp32 throughout.
+Median of --eval-repeats (a) or --repeats (b) runs after one warm-up (compilation excluded). fp32 throughout;
+`--bf16` runs (b) in bf16 compute with float32 weights on both sides (PyTorch under `torch.autocast`). On a GPU
+the PyTorch peer runs there too (`timing.torch_device`; timed to `torch.cuda.synchronize`).
 
-    python benchmarks/generate.py [--eval-repeats 20] [--repeats 2] [--skip-eval] [--skip-openelm]
+    python benchmarks/generate.py [--eval-repeats 20] [--repeats 2] [--skip-eval] [--skip-openelm] [--bf16]
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 import torch
 from peers import openelm_torch
-from timing import timed
+from timing import autocast, synced, timed, torch_device
 
 from configs.finetune import get_config
 from qtl_jax import evaluate, trainer
@@ -96,13 +99,14 @@ def bench_evaluation(repeats: int, batch_size: int, new_tokens: int) -> None:
           f"{ms_before:.1f} ms, after {ms_after:.1f} ms, speed-up {ms_before / ms_after:.2f}x")
 
 
-def bench_openelm(repeats: int, batch: int, prompt: int, new_tokens: int) -> None:
+def bench_openelm(repeats: int, batch: int, prompt: int, new_tokens: int, bf16: bool) -> None:
     cfg = OPENELM_270M
+    device = torch_device()
     tm, params = openelm_torch(cfg)
-    tm.eval()
+    tm.eval().to(device)
     ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (batch, prompt)).astype(np.int32)
-    model = OpenELM(cfg)
-    ids_jax, ids_torch = jax.device_put(ids), torch.from_numpy(ids).long()
+    model = OpenELM(cfg, dtype=jnp.bfloat16 if bf16 else jnp.float32)
+    ids_jax, ids_torch = jax.device_put(ids), torch.from_numpy(ids).long().to(device)
 
     tokens = {}
 
@@ -110,22 +114,23 @@ def bench_openelm(repeats: int, batch: int, prompt: int, new_tokens: int) -> Non
         tokens["jax"] = generate(model, params, input_ids=ids_jax, max_new_tokens=new_tokens, eos_id=-1)
 
     def run_torch():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(device, enabled=bf16):
             out = tm(ids_torch, use_kv_cache=True)
             made = []
             for t in range(new_tokens):
                 made.append(out["logits"][:, -1].argmax(-1, keepdim=True))
                 if t < new_tokens - 1:
                     out = tm(made[-1], kv_cache=out["kv_cache"], use_kv_cache=True)
-            tokens["torch"] = torch.cat(made, dim=1).numpy()
+            tokens["torch"] = torch.cat(made, dim=1).cpu().numpy()  # waits for the device
 
     t_jax = timed(run_jax, repeats)
-    t_torch = timed(run_torch, repeats)
+    t_torch = timed(synced(run_torch, device), repeats)
     # Greedy decoding amplifies float rounding: once a near-tie flips, a row's continuation differs.
     same = tokens["jax"] == tokens["torch"]
     prefix = np.where(same.all(axis=1), new_tokens, np.argmin(same, axis=1))
     made = batch * new_tokens
-    print(f"(b) OpenELM-270M greedy, batch {batch}, prompt {prompt}, {new_tokens} new tokens: jax (on device) "
+    print(f"(b) OpenELM-270M greedy, {'bf16' if bf16 else 'fp32'}, batch {batch}, prompt {prompt}, {new_tokens} new "
+          f"tokens: jax (on device) "
           f"{made / t_jax:.1f} tokens/s ({t_jax:.2f} s), openelm-pytorch (KV cache) {made / t_torch:.1f} tokens/s "
           f"({t_torch:.2f} s), jax/torch speed-up {t_torch / t_jax:.2f}x; identical rows {int(same.all(axis=1).sum())}"
           f"/{batch}, tokens equal before the first difference of each row: {sorted(prefix.tolist())}")
@@ -139,15 +144,16 @@ def main() -> None:
     parser.add_argument("--eval-new-tokens", type=int, default=16)
     parser.add_argument("--skip-eval", action="store_true")
     parser.add_argument("--skip-openelm", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="(b) in bf16 compute (float32 weights) on both sides")
     args = parser.parse_args()
     tfds.disable_progress_bar()
-    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32")
+    print(f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} | jax {jax.__version__} "
+          f"({jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
+          f"torch {torch.__version__} ({torch_device()}, {torch.get_num_threads()} threads)")
     if not args.skip_eval:
         bench_evaluation(args.eval_repeats, args.eval_batch, args.eval_new_tokens)
     if not args.skip_openelm:
-        bench_openelm(args.repeats, batch=8, prompt=32, new_tokens=64)
+        bench_openelm(args.repeats, batch=8, prompt=32, new_tokens=64, bf16=args.bf16)
 
 
 if __name__ == "__main__":

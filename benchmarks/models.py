@@ -6,8 +6,10 @@
     qtl_jax `OpenELM` under `jax.value_and_grad` vs the openelm-pytorch model with `loss.backward()`; the
     forward alone too, for the backward / forward ratio; and where JAX's time goes (`--profile`): attention,
     FFN and head + loss timed apart, forward and forward + backward, over all 16 layers.
-  * This machine's float32 matmul rate (2048^3, the better of JAX and PyTorch), measured here too, so that
-    achieved FLOP/s can be read as a fraction of it.
+  * This machine's float32 matmul rate (`flops.matmul_rate`: 2048^3 on a CPU, 8192^3 on an accelerator, the
+    better of JAX and PyTorch), measured here too, so that achieved FLOP/s can be read as a fraction of it.
+
+On a GPU the PyTorch peers run there too (`timing.torch_device`; timed to `torch.cuda.synchronize`).
 
 The JAX parameters are converted from the PyTorch models (qtl_jax.models.convert), so both sides compute the
 same function; the script prints the largest output difference as a check. Median of --repeats runs after
@@ -23,7 +25,7 @@ the flags in effect.
 
 `--bf16` adds both models in bf16 compute with float32 weights (the paper preset's dtype): JAX as it is (its
 dense layers through `qtl_jax.layers.bf16_matmul` on a CPU), JAX with the dense layers' plain bf16
-`lax.dot_general`, JAX in float32, PyTorch eager under `torch.autocast("cpu", torch.bfloat16)` and in float32,
+`lax.dot_general`, JAX in float32, PyTorch eager under `torch.autocast(device, torch.bfloat16)` and in float32,
 on the same weights, and the machine's bf16 matmul rates.
 
     python benchmarks/models.py [--repeats 3] [--skip-siglip] [--skip-openelm] [--skip-compile] [--profile]
@@ -42,8 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flops import matmul_rate
 from peers import openelm_torch
-from timing import timed
+from timing import autocast, synced, timed, torch_device
 
 from qtl_jax import layers
 from qtl_jax.models import convert
@@ -51,14 +54,7 @@ from qtl_jax.models.openelm import OPENELM_270M, OpenELM
 from qtl_jax.models.siglip import SIGLIP_SO400M, SiglipVisionTower, stack_layers
 from qtl_jax.models.tinyllava import cross_entropy
 
-
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    mm = jax.jit(lambda a: a @ a)
-    t_jax = timed(lambda: mm(a).block_until_ready(), repeats)
-    at = torch.randn(n, n)
-    t_torch = timed(lambda: at @ at, repeats)
-    return 2 * n**3 / min(t_jax, t_torch)
+DEVICE = "cpu"  # where the PyTorch peers run: main() sets it (timing.torch_device: the GPU when JAX runs on one)
 
 
 def siglip_flops(cfg, layers: int) -> float:
@@ -101,9 +97,9 @@ def compiled_time(module, run, repeats: int) -> tuple[float, float]:
 
     compiled = torch.compile(module)
     start = time.perf_counter()
-    run(compiled)
+    synced(lambda: run(compiled), DEVICE)()
     first = time.perf_counter() - start
-    return timed(lambda: run(compiled), repeats), first
+    return timed(synced(lambda: run(compiled), DEVICE), repeats), first
 
 
 def siglip_pair(cfg):
@@ -119,21 +115,21 @@ def siglip_pair(cfg):
     params = jax.device_put(convert._import_siglip(weights, cfg, "transformers SiglipVisionModel"))
     del weights
     images = np.random.default_rng(0).uniform(-1, 1, (1, cfg.image_size, cfg.image_size, 3)).astype(np.float32)
-    return hf, params, images, torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    return hf.to(DEVICE), params, images, torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(DEVICE)
 
 
 def openelm_pair(cfg, seq: int):
     """(openelm-pytorch model, the same weights as qtl_jax params, token ids, targets) at batch 1."""
     tm, params = openelm_torch(cfg)
     rng = np.random.default_rng(0)
-    return tm, params, rng.integers(0, cfg.vocab_size, (1, seq)), rng.integers(0, cfg.vocab_size, (1, seq))
+    return tm.to(DEVICE), params, rng.integers(0, cfg.vocab_size, (1, seq)), rng.integers(0, cfg.vocab_size, (1, seq))
 
 
 def openelm_torch_loss(model, ids, labels):
     # use_kv_cache=True: openelm-pytorch 0.1.0's path without it gives other logits (max |diff| 5.5 at 128
     # tokens); the cache path is the one the parity tests check against this port.
-    logits = model(torch.from_numpy(ids), use_kv_cache=True)["logits"]
-    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), torch.from_numpy(labels)[0, 1:])
+    logits = model(torch.from_numpy(ids).to(DEVICE), use_kv_cache=True)["logits"]
+    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), torch.from_numpy(labels)[0, 1:].to(DEVICE))
 
 
 def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
@@ -148,9 +144,9 @@ def bench_siglip(repeats: int, peak: float, compile_torch: bool) -> None:
         with torch.inference_mode():
             return model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
 
-    diff = float(np.abs(np.asarray(forward(params, images)) - run_torch().numpy()).max())
+    diff = float(np.abs(np.asarray(forward(params, images)) - run_torch().cpu().numpy()).max())
     t_jax = timed(lambda: forward(params, images).block_until_ready(), repeats)
-    t_torch = timed(run_torch, repeats)
+    t_torch = timed(synced(run_torch, DEVICE), repeats)
     t_xla = timed(lambda: forward_xla(params, images).block_until_ready(), repeats)
     flops = siglip_flops(cfg, cfg.layers_used)
     report("SigLIP so400m forward (26 layers, batch 1, 729 patches)", t_jax, t_torch, flops, peak,
@@ -201,9 +197,9 @@ def bench_openelm(repeats: int, peak: float, seq: int, compile_torch: bool, prof
     print(f"  jax compile: forward+backward {compile_seconds(step, params):.1f} s (16 layers unrolled: layer-wise "
           f"scaling gives every layer its own shapes, so nn.scan does not apply)")
     t_jax = timed(lambda: jax.block_until_ready(step(params)), repeats)
-    t_torch = timed(run_torch, repeats)
+    t_torch = timed(synced(run_torch, DEVICE), repeats)
     f_jax = timed(lambda: jax.block_until_ready(forward(params)), repeats)
-    f_torch = timed(run_torch_forward, repeats)
+    f_torch = timed(synced(run_torch_forward, DEVICE), repeats)
     t_xla = timed(lambda: jax.block_until_ready(step_xla(params)), repeats)
     flops = 3 * openelm_fwd_flops(cfg, seq)
     report(f"OpenELM-270M forward+backward (batch 1, {seq} tokens)", t_jax, t_torch, flops, peak,
@@ -272,28 +268,30 @@ def attention_kernels(cfg, seq: int, repeats: int) -> None:
         loss = lambda q, k, v, impl=impl: jnp.sum(attention(q, k, v, causal=True, implementation=impl))
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         times[impl] = timed(lambda grad=grad: jax.block_until_ready([grad(*qkv) for qkv in arrays]), repeats)
-    tensors = [[torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_() for x in qkv] for qkv in inputs]
+    tensors = [[torch.from_numpy(x).transpose(1, 2).contiguous().to(DEVICE).requires_grad_() for x in qkv]
+               for qkv in inputs]
 
     def run_torch():
         for q, k, v in tensors:
             torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
 
-    times["torch"] = timed(run_torch, repeats)
+    times["torch"] = timed(synced(run_torch, DEVICE), repeats)
     blocked, xla, sdpa = times["blocked"], times["xla"], times["torch"]
     print(f"  attention alone, forward + backward over the 16 layers: jax blocked {blocked:.3f} s, XLA {xla:.3f} s, "
           f"torch SDPA {sdpa:.3f} s (blocked vs torch {sdpa / blocked:.2f}x, blocked vs XLA {xla / blocked:.2f}x)")
 
 
-def matmul_rates_bf16(n: int = 2048, repeats: int = 5) -> str:
-    """bf16 2048^3 matmul rates: JAX bf16 x bf16 -> f32 (what `layers.bf16_matmul` asks for), JAX bf16 -> bf16
-    (a plain bf16 dot), torch bf16."""
+def matmul_rates_bf16(n: int | None = None, repeats: int = 5) -> str:
+    """bf16 n^3 matmul rates (2048 on a CPU, 8192 on an accelerator): JAX bf16 x bf16 -> f32 (what
+    `layers.bf16_matmul` asks for), JAX bf16 -> bf16 (a plain bf16 dot), torch bf16."""
+    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     rates = {}
     for name, out in (("jax bf16->f32", jnp.float32), ("jax bf16->bf16", None)):
         mm = jax.jit(lambda a, out=out: jnp.dot(a, a, preferred_element_type=out))
         rates[name] = 2 * n**3 / timed(lambda mm=mm: mm(a).block_until_ready(), repeats)
-    at = torch.randn(n, n, dtype=torch.bfloat16)
-    rates["torch bf16"] = 2 * n**3 / timed(lambda: at @ at, repeats)
+    at = torch.randn(n, n, dtype=torch.bfloat16, device=DEVICE)
+    rates["torch bf16"] = 2 * n**3 / timed(synced(lambda: at @ at, DEVICE), repeats)
     return ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items()) + " GFLOP/s"
 
 
@@ -312,7 +310,7 @@ def plain_bf16_dense():
 def bench_bf16(repeats: int, seq: int) -> None:
     """Both models in bf16 compute with float32 weights (the paper preset's dtype): JAX with `layers.dense` as it
     is (bf16 x bf16 -> f32 matmuls, `layers.bf16_matmul`), JAX with its dense layers on plain bf16 dots, JAX in
-    float32, and PyTorch eager under `torch.autocast("cpu", torch.bfloat16)` (how a PyTorch user runs bf16 with
+    float32, and PyTorch eager under `torch.autocast(device, torch.bfloat16)` (how a PyTorch user runs bf16 with
     float32 weights) and in float32, on the same weights."""
     print(f"bf16 matmul rates: {matmul_rates_bf16()}")
     cfg = SIGLIP_SO400M
@@ -352,14 +350,13 @@ def bench_bf16(repeats: int, seq: int) -> None:
 def bf16_times(make_jax, run_torch, repeats: int) -> dict[str, float]:
     """Seconds per run of each peer: `make_jax(dtype)` builds a blocking JAX run (traced and timed in bf16, in bf16
     with plain dense dots, in float32), `run_torch(context)` runs PyTorch under bf16 autocast and in float32."""
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     times = {}
     for name, dtype in (("jax bf16", jnp.bfloat16), ("jax bf16, plain dense dots", jnp.bfloat16),
                         ("jax fp32", jnp.float32)):
         with plain_bf16_dense() if "plain" in name else contextlib.nullcontext():
             times[name] = timed(make_jax(dtype), repeats)
-    for name, context in (("torch bf16 autocast", autocast), ("torch fp32", contextlib.nullcontext)):
-        times[name] = timed(lambda context=context: run_torch(context), repeats)
+    for name, context in (("torch bf16 autocast", lambda: autocast(DEVICE)), ("torch fp32", contextlib.nullcontext)):
+        times[name] = timed(synced(lambda context=context: run_torch(context), DEVICE), repeats)
     return times
 
 
@@ -380,11 +377,13 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true",
                         help="also both models in bf16 compute: JAX (and on plain bf16 dots) vs torch autocast")
     args = parser.parse_args()
-    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads) | fp32")
-    peak = matmul_rate()
-    print(f"fp32 matmul rate (2048^3, best of jax/torch): {peak / 1e9:.0f} GFLOP/s")
+    global DEVICE
+    DEVICE = torch_device()
+    print(f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} | jax {jax.__version__} "
+          f"({jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
+          f"torch {torch.__version__} ({DEVICE}, {torch.get_num_threads()} threads) | fp32")
+    peak = matmul_rate(torch_device=DEVICE)
+    print(f"fp32 matmul rate (best of jax/torch): {peak / 1e9:.0f} GFLOP/s")
     if not args.skip_siglip:
         bench_siglip(args.repeats, peak, not args.skip_compile)
     if not args.skip_openelm:

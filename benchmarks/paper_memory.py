@@ -34,12 +34,14 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flops import PEAKS_BF16  # noqa: E402
+
 from configs.common import training_config  # noqa: E402
 from qtl_jax import trainer  # noqa: E402
 from qtl_jax.models import tinyllava as T  # noqa: E402
 from qtl_jax.split.runtime import SplitConfig, SplitTrainer  # noqa: E402
 
-PEAKS = {"H100 SXM": 989e12, "TPU v5e": 197e12}  # dense bf16 FLOP/s per chip
+PEAKS = {"H100 SXM": dict(PEAKS_BF16)["H100"], "TPU v5e": dict(PEAKS_BF16)["TPU v5e"]}  # dense bf16 FLOP/s
 UTILISATION = 0.4
 GB = 1e9
 

@@ -25,6 +25,12 @@ held in bf16): on a GPU, and on a CPU with bf16 matmul units (AMX / AVX512-BF16)
 matmuls run faster than float32.
 Median of --repeats steps after one warm-up step (which compiles).
 
+On a GPU both sides run there (PyTorch on CUDA, timed to `torch.cuda.synchronize`), meshes mode only with two
+devices or more. Each row also gets its model FLOP/s and its model-FLOPs utilisation (MFU): the step's matmul
+FLOPs (`flops.split_step_flops`: read from the JAX step's trace, the same count for every row, so the PyTorch
+peer's extra full-vocabulary head is not credited) per second, as a fraction of the chip's datasheet bf16 peak
+(`flops.peak_flops`; none for a CPU) and of the matmul rate measured in the same run in the step's dtype.
+
     python benchmarks/train_step.py [--repeats 3] [--batch 1] [--text 64] [--before REV] [--skip-before]
                                     [--skip-compile] [--dtype bfloat16]
 """
@@ -39,6 +45,10 @@ import subprocess
 import sys
 import tempfile
 import time
+
+# On a GPU the parent process (the PyTorch peers, the matmul rate) and the JAX workers share the chip: JAX must not
+# take 75% of its memory up front in any of them. Set before JAX is imported, here and (inherited) in the workers.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 BEFORE = "9ad8bc7"  # the last commit before issue 13's train-step changes
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +151,8 @@ def torch_model(cfg, vocab: int):
                 x, _ = layer(x, use_kv_cache=True, is_causal=True)
             logits = torch.einsum("bsd,vd->bsv", self.lm.norm(x), self.lm.token_embeddings.weight)
             n = image_rows.shape[1]
-            full_labels = torch.cat([labels[:, :1], torch.full((labels.shape[0], n), -100), labels[:, 2:]], dim=1)
+            unsupervised = torch.full((labels.shape[0], n), -100, device=labels.device)
+            full_labels = torch.cat([labels[:, :1], unsupervised, labels[:, 2:]], dim=1)
             ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), full_labels[:, 1:].flatten(),
                                                    ignore_index=-100)
             return ce, 0.25 * (l_image + l_text)
@@ -149,20 +160,20 @@ def torch_model(cfg, vocab: int):
     return Step()
 
 
-def run_torch(args, compiled: bool) -> dict:
+def run_torch(args, compiled: bool, device: str) -> dict:
     import torch
-    from timing import timed
+    from timing import autocast, synced, timed
 
     from qtl_jax.models import tinyllava as T
 
     cfg = T.TINYLLAVA_PAPER
     torch.manual_seed(0)
-    model = torch_model(cfg, cfg.lm.vocab_size)
+    model = torch_model(cfg, cfg.lm.vocab_size).to(device)
     data = make_batch(args.batch, args.text, args.answer, cfg.lm.vocab_size, cfg.vision.image_size)
-    pixels = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy())
-    ids, labels = torch.from_numpy(data["input_ids"]).long(), torch.from_numpy(data["labels"]).long()
+    pixels = torch.from_numpy(data["images"].transpose(0, 3, 1, 2).copy()).to(device)
+    ids, labels = (torch.from_numpy(data[k]).long().to(device) for k in ("input_ids", "labels"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0)
-    # bf16 with float32 weights, as a PyTorch user runs it on a CPU (and as --dtype bfloat16 runs JAX); the
+    # bf16 with float32 weights, as a PyTorch user runs it (and as --dtype bfloat16 runs JAX); the
     # frozen tower held in bf16 (it needs no float32 master copy), as the JAX trainer converts it once
     # (`cast_frozen_once`), so neither side converts its weights in every step.
     bf16 = args.dtype == "bfloat16"
@@ -172,16 +183,16 @@ def run_torch(args, compiled: bool) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, enabled=bf16):
             ce, commitment = forward(pixels, ids, labels)
         (ce + commitment).backward()
         opt.step()
         return ce
 
     start = time.perf_counter()
-    loss = float(step().detach())
+    loss = float(step().detach())  # .item() waits for the device
     first = time.perf_counter() - start
-    return {"step_s": timed(step, args.repeats), "first_step_s": first, "loss": loss}
+    return {"step_s": timed(synced(step, device), args.repeats), "first_step_s": first, "loss": loss}
 
 
 def main() -> None:
@@ -200,36 +211,55 @@ def main() -> None:
     if args.worker:
         return jax_worker(args)
     import jax
+    import jax.numpy as jnp
     import torch
+    from flops import matmul_rate, peak_flops, split_step_flops
+    from timing import torch_device
 
-    print(f"{platform.machine()}, {os.cpu_count()} cores | jax {jax.__version__} ({jax.default_backend()}; "
+    from qtl_jax.models import tinyllava as T
+
+    device = torch_device()
+    chip = jax.devices()[0].device_kind
+    print(f"{platform.machine()}, {os.cpu_count()} cores, {chip} | jax {jax.__version__} ({jax.default_backend()}; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), torch "
-          f"{torch.__version__} ({torch.get_num_threads()} threads) | {args.dtype} | batch {args.batch}, "
+          f"{torch.__version__} ({device}, {torch.get_num_threads()} threads) | {args.dtype} | batch {args.batch}, "
           f"{args.text} text tokens + 728 image rows, {args.answer} supervised")
+    cfg = T.TINYLLAVA_PAPER
+    batch = make_batch(args.batch, args.text, args.answer, cfg.lm.vocab_size, cfg.vision.image_size)
+    flops = split_step_flops(cfg, jnp.dtype(args.dtype), batch, TRAINABLE)
+    # A virtual CPU mesh has devices to spare; an accelerator needs two for the two meshes.
+    modes = ("single", "meshes") if jax.default_backend() == "cpu" or jax.device_count() >= 2 else ("single",)
     results = {}
-    for mode in ("single", "meshes"):
+    for mode in modes:
         results[f"jax {mode}"] = run_jax(args, mode, REPO)
     if not args.skip_before:
         with tempfile.TemporaryDirectory() as tmp:
             tree = os.path.join(tmp, "before")
             subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", "-q", tree, args.before], check=True)
             try:
-                for mode in ("single", "meshes"):
+                for mode in modes:
                     results[f"jax {mode} before ({args.before})"] = run_jax(args, mode, tree)
             finally:
                 subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], check=False)
-    results["torch eager"] = run_torch(args, compiled=False)
+    results["torch eager"] = run_torch(args, compiled=False, device=device)
     if not args.skip_compile:
-        results["torch.compile"] = run_torch(args, compiled=True)
-    print(f"\n{'step':<32} {'s/step':>8} {'first step s':>13} {'ce loss':>8}")
+        results["torch.compile"] = run_torch(args, compiled=True, device=device)
+    rate, peak = matmul_rate(jnp.dtype(args.dtype), torch_device=device), peak_flops()
+    print(f"\nmodel FLOPs per step (the JAX step's matmuls, flops.split_step_flops): {flops / 1e12:.3f} TFLOP; "
+          f"{args.dtype} matmul rate measured here {rate / 1e12:.2f} TFLOP/s; datasheet bf16 peak of {chip}: "
+          + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "none (not an accelerator listed in flops.PEAKS_BF16)"))
+    print(f"{'step':<32} {'s/step':>8} {'first step s':>13} {'ce loss':>8} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'of measured':>11}")
     for name, r in results.items():
-        print(f"{name:<32} {r['step_s']:8.3f} {r['first_step_s']:13.1f} {r['loss']:8.3f}")
+        achieved = flops / r["step_s"]
+        mfu = f"{achieved / peak:6.1%}" if peak else f"{'-':>6}"
+        print(f"{name:<32} {r['step_s']:8.3f} {r['first_step_s']:13.1f} {r['loss']:8.3f} {achieved / 1e12:8.3f} "
+              f"{mfu} {achieved / rate:11.1%}")
     print()
-    for name in ("jax single", "jax meshes"):
+    for name in (f"jax {mode}" for mode in modes):
         for peer in ("torch eager", "torch.compile", f"{name} before ({args.before})"):
             if peer in results:
                 print(f"{name} vs {peer}: {results[peer]['step_s'] / results[name]['step_s']:.2f}x faster")
-
 
 if __name__ == "__main__":
     main()
