@@ -244,10 +244,11 @@ def main() -> None:
     results["torch eager"] = run_torch(args, compiled=False, device=device)
     if not args.skip_compile:
         results["torch.compile"] = run_torch(args, compiled=True, device=device)
-    rate, peak = matmul_rate(jnp.dtype(args.dtype), torch_device=device), peak_flops()
+    rate = matmul_rate(jnp.dtype(args.dtype), torch_device=device)
+    peak = peak_flops() if jnp.dtype(args.dtype) == jnp.bfloat16 else None  # the datasheet peaks are bf16's
     print(f"\nmodel FLOPs per step (the JAX step's matmuls, flops.split_step_flops): {flops / 1e12:.3f} TFLOP; "
           f"{args.dtype} matmul rate measured here {rate / 1e12:.2f} TFLOP/s; datasheet bf16 peak of {chip}: "
-          + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "none (not an accelerator listed in flops.PEAKS_BF16)"))
+          + (f"{peak / 1e12:.0f} TFLOP/s" if peak else "- (a CPU, a chip not in flops.PEAKS_BF16, or float32)"))
     print(f"{'step':<32} {'s/step':>8} {'first step s':>13} {'ce loss':>8} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'of measured':>11}")
     for name, r in results.items():
@@ -260,6 +261,7 @@ def main() -> None:
         for peer in ("torch eager", "torch.compile", f"{name} before ({args.before})"):
             if peer in results:
                 print(f"{name} vs {peer}: {results[peer]['step_s'] / results[name]['step_s']:.2f}x faster")
+
 
 if __name__ == "__main__":
     main()
