@@ -99,7 +99,9 @@ def jax_worker(args) -> None:
 
 
 def run_jax(args, mode: str, root: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.path.join(REPO, "benchmarks")}
+    # The revision measured first; packages installed outside the environment (device.sh's /tmp/site) after it.
+    paths = [root, os.path.join(REPO, "benchmarks"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--mode", mode, "--repeats", str(args.repeats),
            "--batch", str(args.batch), "--text", str(args.text), "--answer", str(args.answer), "--dtype", args.dtype]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
