@@ -19,10 +19,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# What the device machine's image lacks (its package list: ../.library/device/KINDS.md), pinned to the versions
-# the test suite runs with. promise has no wheel on the registry: it is built here (pure Python).
-WHEELS=(constriction==0.5.0 ml-collections==1.1.0 tensorflow-datasets==4.9.10 tensorflow-metadata==1.21.0
-        googleapis-common-protos==1.76.0 immutabledict==4.3.1 toml==0.10.2 openelm-pytorch==0.1.0)
+# What the three scripts import and the device machine's image lacks (its package list:
+# ../.library/device/KINDS.md), pinned to the versions the test suite runs with. generate.py's evaluation part (a),
+# the only one that needs tensorflow-datasets and the configs' packages, is not run there (--skip-eval).
+WHEELS=(constriction==0.5.0 openelm-pytorch==0.1.0)
 PY=${PYTHON:-python3}
 
 wheels() {
@@ -30,7 +30,6 @@ wheels() {
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
     -d .whl "${WHEELS[@]}"
-  "$PY" -m pip wheel --quiet --no-deps -w .whl promise==2.3
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo /.whl/ >> .git/info/exclude
   ls -l .whl
 }

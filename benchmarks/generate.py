@@ -30,31 +30,34 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow_datasets as tfds
 import torch
 from peers import openelm_torch
 from timing import autocast, synced, timed, torch_device
 
-from configs.finetune import get_config
-from qtl_jax import evaluate, trainer
-from qtl_jax.data import builders
-from qtl_jax.data.tokenizer import load_tokenizer
-from qtl_jax.models import tinyllava as T
 from qtl_jax.models.generate import generate
 from qtl_jax.models.openelm import OPENELM_270M, OpenELM
 
 
-class HostLoopAnswerer(evaluate.Answerer):
-    """The same model and batches, decoded by the host loop: per generated token, a device->host read of the
-    token (the eos check), then a jitted token-rows call and a jitted decode step."""
-
-    def _generate(self, out, options):
-        rows = T.token_rows_fn(self.config, self.params, self.dtype)
-        return T.server_generate(self.config, self.params["server"], out.uplink, self.dtype,
-                                 embed=lambda tokens: rows(tokens, out.text_moments), **options)
-
-
 def bench_evaluation(repeats: int, batch_size: int, new_tokens: int) -> None:
+    # Imported here: (b) alone (`--skip-eval`) needs neither tensorflow-datasets nor the configs' packages.
+    import tensorflow_datasets as tfds
+
+    from configs.finetune import get_config
+    from qtl_jax import evaluate, trainer
+    from qtl_jax.data import builders
+    from qtl_jax.data.tokenizer import load_tokenizer
+    from qtl_jax.models import tinyllava as T
+
+    class HostLoopAnswerer(evaluate.Answerer):
+        """The same model and batches, decoded by the host loop: per generated token, a device->host read of the
+        token (the eos check), then a jitted token-rows call and a jitted decode step."""
+
+        def _generate(self, out, options):
+            rows = T.token_rows_fn(self.config, self.params, self.dtype)
+            return T.server_generate(self.config, self.params["server"], out.uplink, self.dtype,
+                                     embed=lambda tokens: rows(tokens, out.text_moments), **options)
+
+    tfds.disable_progress_bar()
     config = get_config()  # the tiny preset: RD-FSQ 2-bit, quantized text embeddings
     with tempfile.TemporaryDirectory() as data_dir:
         builder, tokenizer_dir = builders.prepare_shapes(data_dir, "smoke", log=lambda *_: None)
@@ -146,7 +149,6 @@ def main() -> None:
     parser.add_argument("--skip-openelm", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="(b) in bf16 compute (float32 weights) on both sides")
     args = parser.parse_args()
-    tfds.disable_progress_bar()
     print(f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind} | jax {jax.__version__} "
           f"({jax.default_backend()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), "
           f"torch {torch.__version__} ({torch_device()}, {torch.get_num_threads()} threads)")
