@@ -275,13 +275,14 @@ def _transposed_copy(a: jax.Array) -> jax.Array:
     A plain transpose feeding a matmul is folded into it by XLA's simplifier, and XLA:CPU's bf16 kernels refuse
     a left operand whose contracted axis is not the last in memory: it would run as a float32 matmul (this CPU's
     float32 rate is 2.3-3.5x below its bf16 one; benchmarks/models.py --bf16 prints both). Here each pair of
-    bf16 along n is read as one uint32 and OR-ed with a zero that XLA cannot prove is zero (the data decide it),
-    so the transpose can be neither folded into the matmul nor moved past the bitcast; the values are unchanged
-    bit for bit."""
+    bf16 along n is read as one uint32 (no layout of `a` holds such pairs side by side, so the transpose must be
+    a copy) behind an optimization barrier, which keeps XLA from folding the bitcasts and the transpose back into
+    the matmul; the values are unchanged bit for bit. (An OR with a zero that the data decide, used before,
+    is proved zero and folded by jax 0.11's XLA, after the pass that runs unsupported bf16 matmuls in float32:
+    XLA:CPU then failed with "Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32".)"""
     n, k = a.shape
-    pairs = jax.lax.bitcast_convert_type(a.T.reshape(k, n // 2, 2), jnp.uint32)
-    zero = (jnp.abs(a[0, 0]) < 0).astype(jnp.uint32)
-    return jax.lax.bitcast_convert_type(pairs | zero, a.dtype).reshape(k, n)
+    pairs = jax.lax.optimization_barrier(jax.lax.bitcast_convert_type(a.T.reshape(k, n // 2, 2), jnp.uint32))
+    return jax.lax.bitcast_convert_type(pairs, a.dtype).reshape(k, n)
 
 
 bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
