@@ -2,6 +2,7 @@
 gradients, every mask, grouped-query heads, ragged blocks, bf16, sharded, under remat), and which one runs."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -200,6 +201,23 @@ def test_bf16_matmul_is_float32_accumulation_rounded_once(batch):
     grads32 = jax.jit(jax.grad(loss32, argnums=(0, 1)))(x, kernel)
     for a, b in zip(grads32, (dx, dkernel), strict=True):
         np.testing.assert_array_equal(_f32(a), _f32(b))
+
+
+def test_bf16_matmul_kernel_gradient_keeps_its_transposed_copy_after_xla():
+    """The kernel gradient x.T @ g reaches XLA:CPU's compiled program as a bf16 matmul whose left operand is
+    contracted on its last axis (the form XLA:CPU's bf16 kernels take): XLA's simplifier did not fold the
+    transposed copy back into the matmul (jax 0.11's XLA folded the earlier trick, and the program then failed
+    to run)."""
+    x, g = _bf16((16, 96), 0), _bf16((16, 40), 1)
+    grad = jax.jit(jax.grad(lambda kernel: jnp.sum(layers.bf16_matmul(x, kernel).astype(jnp.float32) * g)))
+    hlo = grad.lower(_bf16((96, 40), 2)).compile().as_text()
+    dots = re.findall(r"= f32\[96,40\]\{1,0\} dot\(([^)]*)\), lhs_contracting_dims=\{(\d)\}", hlo)
+    assert dots, hlo
+    for operands, contracted in dots:
+        assert contracted == "1", hlo
+        lhs = operands.split(",")[0].strip().lstrip("%")
+        assert re.search(rf"%{re.escape(lhs)} = bf16\[96,16\]", hlo), hlo
+    np.testing.assert_allclose(_f32(grad(_bf16((96, 40), 2))), _f32(x).T @ _f32(g), rtol=_ULP / 2, atol=1e-6)
 
 
 def test_dense_takes_bf16_matmul_on_cpu_in_bf16_only():
