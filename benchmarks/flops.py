@@ -77,13 +77,19 @@ def _jaxpr_flops(jaxpr) -> int:
     return total
 
 
+def matmul_size() -> int:
+    """n of the n^3 matmuls that measure a machine's rate: 2048 on a CPU (seconds), 8192 on an accelerator (a
+    smaller one does not fill it)."""
+    return 2048 if jax.default_backend() == "cpu" else 8192
+
+
 def matmul_rate(dtype=jnp.float32, n: int | None = None, repeats: int = 5, torch_device: str = "cpu") -> float:
     """FLOP/s of an n^3 matmul in `dtype` (float32 or bfloat16, accumulated in float32), the better of JAX and
-    PyTorch on `torch_device` (the device JAX runs on): 2048^3 on a CPU, 8192^3 on an accelerator."""
+    PyTorch on `torch_device` (the device JAX runs on); n defaults to `matmul_size()`."""
     import torch
     from timing import synced, timed
 
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    n = n or matmul_size()
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     mm = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     t_jax = timed(lambda: mm(a).block_until_ready(), repeats)

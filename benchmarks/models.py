@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flops import matmul_rate
+from flops import matmul_rate, matmul_size
 from peers import openelm_torch
 from timing import autocast, synced, timed, torch_device
 
@@ -284,7 +284,7 @@ def attention_kernels(cfg, seq: int, repeats: int) -> None:
 def matmul_rates_bf16(n: int | None = None, repeats: int = 5) -> str:
     """bf16 n^3 matmul rates (2048 on a CPU, 8192 on an accelerator): JAX bf16 x bf16 -> f32 (what
     `layers.bf16_matmul` asks for), JAX bf16 -> bf16 (a plain bf16 dot), torch bf16."""
-    n = n or (2048 if jax.default_backend() == "cpu" else 8192)
+    n = n or matmul_size()
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     rates = {}
     for name, out in (("jax bf16->f32", jnp.float32), ("jax bf16->bf16", None)):
